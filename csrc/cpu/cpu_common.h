@@ -1,0 +1,164 @@
+// CPU-side plumbing shared by the CPU kernels: tensor → FieldRef views, and the parallel loop
+// that lets threads add to gradients without atomics.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../chain.h"
+
+namespace gradicon_fast::cpu {
+
+// A contiguous (B|1, C, *S) tensor and optionally its gradient buffer (same shape).
+template <typename T, int D>
+FieldRef<T, D> field_ref(const at::Tensor& t, const at::Tensor& grad, int64_t batch) {
+  FieldRef<T, D> f;
+  f.data = t.data_ptr<T>();
+  f.grad = grad.defined() ? grad.data_ptr<T>() : nullptr;
+  f.channels = static_cast<int>(t.size(1));
+  int64_t stride = 1;
+  for (int k = D - 1; k >= 0; --k) {
+    f.size[k] = static_cast<int>(t.size(2 + k));
+    f.stride[k] = stride;
+    stride *= t.size(2 + k);
+  }
+  f.channel_stride = stride;
+  f.batch_stride = (t.size(0) == 1 && batch > 1) ? 0 : stride * t.size(1);
+  return f;
+}
+
+// Fields outermost first; grads[i] undefined where no gradient is wanted.
+template <typename T, int D>
+ChainRef<T, D> chain_ref(const std::vector<at::Tensor>& fields, const std::vector<at::Tensor>& grads, int64_t batch) {
+  ChainRef<T, D> c;
+  c.count = static_cast<int>(fields.size());
+  for (size_t i = 0; i < fields.size(); ++i) c.field[i] = field_ref<T, D>(fields[i], grads[i], batch);
+  return c;
+}
+
+// Gradient rows along the first spatial axis, counted over the batch for tensors that have one:
+// the unit of ownership for for_each_point_owning_rows.
+struct RowRange {
+  int64_t lo, hi;  // [lo, hi)
+};
+
+template <typename T, int D>
+int64_t gradient_rows(const FieldRef<T, D>& f, int64_t batch) {
+  return f.batch_stride ? batch * f.size[0] : f.size[0];
+}
+
+// Does a point sampled at x (axis 0) in batch entry b touch only rows of `range`?
+template <typename T, int D>
+inline bool touches_only(const FieldRef<T, D>& f, int64_t b, T x0, const RowRange& range) {
+  const AxisPos<T> a = locate(x0, f.size[0], 0);
+  const int64_t lo = (f.batch_stride ? b * f.size[0] : 0) + a.index;
+  const int64_t hi = lo + (a.step ? 1 : 0);
+  return lo >= range.lo && hi < range.hi;
+}
+
+// Runs body(point, ranges) for every point in [0, n), in parallel, without two threads ever
+// adding to the same gradient voxel. The points are cut into one contiguous block per thread;
+// block t owns rows [rows·t/T, rows·(t+1)/T) of every gradient target (target_rows[i] rows each)
+// and its body may add only there. body returns false, having written nothing, if a point would
+// touch a row outside; those points run afterwards on one thread with every row allowed. Points
+// laid out in grid order touch rows near their own, so few are deferred; any layout is correct.
+template <typename Body>
+void for_each_point_owning_rows(int64_t n, const std::vector<int64_t>& target_rows, const Body& body) {
+  const size_t targets = target_rows.size();
+  std::vector<RowRange> all(targets);
+  for (size_t i = 0; i < targets; ++i) all[i] = {0, target_rows[i]};
+  const int64_t blocks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n / 256, 1));
+  if (blocks <= 1) {
+    for (int64_t p = 0; p < n; ++p) body(p, all.data());
+    return;
+  }
+  std::vector<std::vector<int64_t>> deferred(blocks);
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    std::vector<RowRange> own(targets);
+    for (int64_t t = first; t < last; ++t) {
+      for (size_t i = 0; i < targets; ++i) own[i] = {target_rows[i] * t / blocks, target_rows[i] * (t + 1) / blocks};
+      const int64_t begin = n * t / blocks, end = n * (t + 1) / blocks;
+      for (int64_t p = begin; p < end; ++p) {
+        if (!body(p, own.data())) deferred[t].push_back(p);
+      }
+    }
+  });
+  for (const auto& list : deferred) {
+    for (int64_t p : list) body(p, all.data());
+  }
+}
+
+// Sum of per-point values over [0, n) in double, in a fixed order (independent of the number
+// of threads): fixed blocks, then their partial sums in block order.
+template <typename Term>
+double deterministic_sum(int64_t n, const Term& term) {
+  constexpr int64_t kBlock = 2048;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<double> partial(blocks, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t blk = first; blk < last; ++blk) {
+      double s = 0.0;
+      const int64_t end = std::min(n, (blk + 1) * kBlock);
+      for (int64_t p = blk * kBlock; p < end; ++p) s += term(p);
+      partial[blk] = s;
+    }
+  });
+  double total = 0.0;
+  for (double s : partial) total += s;
+  return total;
+}
+
+}  // namespace gradicon_fast::cpu
+
+namespace gradicon_fast::cpu {
+
+// Do all gradient writes of E points' reverse pass through `chain` stay inside `ranges`?
+// target[j] is the gradient target (index into ranges) of field j.
+template <typename T, int D, int E>
+bool chain_touches_only(const ChainRef<T, D>& chain, const int* target, int64_t b, const T (*stash)[E][D],
+                        const RowRange* ranges) {
+  for (int j = 0; j < chain.count; ++j) {
+    const FieldRef<T, D>& f = chain.field[j];
+    if (!f.grad) continue;
+    for (int e = 0; e < E; ++e) {
+      if (!touches_only(f, b, stash[j][e][0], ranges[target[j]])) return false;
+    }
+  }
+  return true;
+}
+
+struct PlainAdd {
+  template <typename T>
+  void operator()(T* p, T v) const {
+    *p += v;
+  }
+};
+
+inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+// Zero gradient buffers for the fields whose mask entry is set; undefined tensors elsewhere.
+inline std::vector<at::Tensor> gradient_buffers(const std::vector<at::Tensor>& fields, const c10::List<bool>& mask) {
+  std::vector<at::Tensor> grads(fields.size());
+  for (size_t i = 0; i < fields.size(); ++i) {
+    if (mask[i]) grads[i] = at::zeros_like(fields[i]);
+  }
+  return grads;
+}
+
+// What the backward ops return for a gradient nobody asked for.
+inline at::Tensor no_gradient(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+inline std::vector<at::Tensor> returned_gradients(const std::vector<at::Tensor>& grads, const at::Tensor& like) {
+  std::vector<at::Tensor> out;
+  for (const auto& g : grads) out.push_back(g.defined() ? g : no_gradient(like));
+  return out;
+}
+
+}  // namespace gradicon_fast::cpu

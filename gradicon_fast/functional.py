@@ -1,0 +1,191 @@
+"""The public functions of gradicon_fast: checked arguments, then the chosen backend.
+
+Conventions (SPEC §1): maps and displacement fields are ``(B, d, *S)``, channel k the coordinate
+along spatial axis k, in [0, 1] (align-corners); a chain is a list of displacement fields,
+outermost first, standing for φ = Φ_1∘…∘Φ_K with Φ_D(x) = x + sample(D, x).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import _validation as V
+from . import backend_registry as _backends
+from . import reference as _ref
+
+Tensor = torch.Tensor
+
+_fused = None
+
+
+def _fused_ops():
+    global _fused
+    if _fused is None:
+        from . import ops
+
+        _fused = ops
+    return _fused
+
+
+def _triton_ops():
+    from .kernels import ops as triton_ops  # imported lazily: triton is optional
+
+    return triton_ops
+
+
+def _impl(backend: str):
+    """Module with transform_points/warp/gradicon_loss/icon_loss for a concrete backend."""
+    if backend in ("cpu", "cuda"):
+        return _fused_ops()
+    if backend == "triton":
+        return _triton_ops()
+    raise AssertionError(backend)
+
+
+def identity_map(shape: Sequence[int], *, dtype=torch.float32, device=None) -> Tensor:
+    """The identity map ``(1, d, *shape)``: ``id[k][i] = i_k / (shape[k] - 1)``."""
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or len(shape) not in (2, 3):
+        raise ValueError(f"shape must be a tuple of 2 or 3 ints, got {shape!r}")
+    shape = V.check_shape("shape", shape, len(shape))
+    return _ref.identity_map(shape, dtype=dtype, device=device)
+
+
+def transform_points(chain: Sequence[Tensor], points: Tensor, *, backend: str | None = None) -> Tensor:
+    """φ = Φ_1∘…∘Φ_K evaluated at ``points`` (B|1, d, *P); returns (B, d, *P)."""
+    d, batch = V.check_chain("chain", chain)
+    V.check_points(points, d, "chain", chain[0])
+    V.merge_batch(batch, points.shape[0], "points")
+    name = _backends.resolve(backend, points.device)
+    if name == "torch":
+        return _ref.transform_points(list(chain), points)
+    return _impl(name).transform_points(chain, points)
+
+
+def compose(chain: Sequence[Tensor], shape: Sequence[int], *, backend: str | None = None) -> Tensor:
+    """The chain materialised as one displacement field on grid ``shape``: ``φ(id) - id``, (B, d, *shape)."""
+    d, _ = V.check_chain("chain", chain)
+    shape = V.check_shape("shape", shape, d)
+    identity = _ref.identity_map(shape, dtype=chain[0].dtype, device=chain[0].device)
+    return transform_points(chain, identity, backend=backend) - identity
+
+
+def warp(image: Tensor, chain: Sequence[Tensor], *, shape: Sequence[int] | None = None, mode: str = "bilinear",
+         backend: str | None = None) -> Tensor:
+    """``image ∘ φ``: the image sampled at φ(x) for every x of grid ``shape`` (default: the image's own).
+
+    ``mode="bilinear"`` is (tri)linear and differentiable; ``mode="nearest"`` is for label maps.
+    """
+    d, batch = V.check_chain("chain", chain)
+    V.check_float_tensor("image", image)
+    if image.ndim != d + 2:
+        raise ValueError(f"image must be (B, C, *spatial) with {d} spatial axes like the chain, got shape "
+                         f"{tuple(image.shape)}")
+    V.check_same_device_dtype("image", image, "chain[0]", chain[0])
+    V.merge_batch(batch, image.shape[0], "image")
+    shape = tuple(image.shape[2:]) if shape is None else V.check_shape("shape", shape, d)
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+    name = _backends.resolve(backend, image.device)
+    if mode == "nearest":
+        identity = _ref.identity_map(shape, dtype=chain[0].dtype, device=image.device)
+        coords = transform_points(chain, identity, backend=name)
+        return _ref._poison_non_finite(_ref.sample(image, coords, mode="nearest"), coords)
+    if name == "torch":
+        return _ref.warp(image, list(chain), shape)
+    return _impl(name).warp(image, chain, shape)
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+
+
+def _penalty_noise(noise, generator, d, points_shape, ref: Tensor, backend: str):
+    """(noise, seed): the reference draws torch.randn noise; fused kernels draw their own from a seed."""
+    if noise is not None:
+        return noise, 0
+    if backend == "torch":
+        device = generator.device if generator is not None else ref.device
+        n = torch.randn((1, d, *points_shape), generator=generator, dtype=ref.dtype, device=device)
+        return n.to(ref.device), 0
+    return None, _draw_seed(generator)
+
+
+def gradicon_loss(chain_AB: Sequence[Tensor], chain_BA: Sequence[Tensor], *, shape: Sequence[int], stride: int = 1,
+                  noise: Tensor | None = None, generator: torch.Generator | None = None, delta: float = 1e-3,
+                  noise_scale: float | None = None, symmetric: bool = False, mode: str = "fd",
+                  backend: str | None = None) -> Tensor:
+    """The GradICON penalty of the pair (SPEC §2), a scalar.
+
+    ``shape`` is the grid the loss is taken on; ``stride=2`` is the paper's sparse variant.
+    ``noise`` (1, d, *points_shape), when given, is the standard-normal perturbation (scaled by
+    ``noise_scale``, default ``stride / shape[-1]``); otherwise it is drawn from ``generator``.
+    ``symmetric`` adds the φ_BA∘φ_AB term. ``mode="fd"`` is the published finite-difference
+    penalty.
+    """
+    d, batch = V.check_pair(chain_AB, chain_BA)
+    shape = V.check_shape("shape", shape, d)
+    stride = V.check_stride(stride)
+    delta = V.check_positive("delta", delta)
+    if mode != "fd":
+        raise ValueError(f"mode must be 'fd', got {mode!r}")
+    points_shape = _ref.loss_points_shape(shape, stride)
+    V.check_noise(noise, d, points_shape, chain_AB[0])
+    noise_scale = stride / shape[-1] if noise_scale is None else float(noise_scale)
+    if not noise_scale >= 0:
+        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+    name = _backends.resolve(backend, chain_AB[0].device)
+    noise, seed = _penalty_noise(noise, generator, d, points_shape, chain_AB[0], name)
+    if name == "torch":
+        return _ref.gradicon_loss(list(chain_AB), list(chain_BA), shape=shape, stride=stride, noise=noise,
+                                  delta=delta, noise_scale=noise_scale, symmetric=symmetric)
+    impl = _impl(name)
+    loss = impl.gradicon_loss(chain_AB, chain_BA, shape, stride, noise, seed, delta, noise_scale)
+    if symmetric:
+        loss = loss + impl.gradicon_loss(chain_BA, chain_AB, shape, stride, noise, seed, delta, noise_scale)
+    return loss
+
+
+def icon_loss(chain_AB: Sequence[Tensor], chain_BA: Sequence[Tensor], *, shape: Sequence[int],
+              noise: Tensor | None = None, generator: torch.Generator | None = None,
+              noise_scale: float | None = None, backend: str | None = None) -> Tensor:
+    """The ICON penalty of the pair, both directions (SPEC §2), a scalar."""
+    d, batch = V.check_pair(chain_AB, chain_BA)
+    shape = V.check_shape("shape", shape, d)
+    V.check_noise(noise, d, shape, chain_AB[0])
+    noise_scale = 1 / shape[-1] if noise_scale is None else float(noise_scale)
+    if not noise_scale >= 0:
+        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+    name = _backends.resolve(backend, chain_AB[0].device)
+    noise, seed = _penalty_noise(noise, generator, d, shape, chain_AB[0], name)
+    if name == "torch":
+        return _ref.icon_loss(list(chain_AB), list(chain_BA), shape=shape, noise=noise, noise_scale=noise_scale)
+    return _impl(name).icon_loss(chain_AB, chain_BA, shape, noise, seed, noise_scale)
+
+
+def jacobian_determinant(phi: Tensor) -> Tensor:
+    """Jacobian determinant of map ``phi`` per grid cell (forward differences), (B, *(S - 1)); 1 for the identity."""
+    V.check_map("phi", phi)
+    return _ref.jacobian_determinant(phi)
+
+
+def fold_percentage(phi: Tensor) -> Tensor:
+    """Percentage of grid cells the map ``phi`` folds (negative signed volume): the paper's %|J|."""
+    V.check_map("phi", phi)
+    return _ref.fold_percentage(phi)
+
+
+def diffusion_energy(phi: Tensor) -> Tensor:
+    """Diffusion regulariser ``mean ‖∇(φ - id)‖²`` of map ``phi`` (central differences)."""
+    V.check_map("phi", phi)
+    return _ref.diffusion_energy(phi)
+
+
+def bending_energy(phi: Tensor) -> Tensor:
+    """Bending energy ``mean Σ ‖∇²(φ - id)_i‖²`` of map ``phi`` (central differences)."""
+    V.check_map("phi", phi)
+    return _ref.bending_energy(phi)
