@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set everything up first:
+# a virtual environment in .venv, torch only if it is missing (TORCH_SPEC, default torch==2.13.0),
+# the other dependencies, and the package with its compiled extension (pip install -e .).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEPS := numpy pytest pytest-benchmark ninja pybind11 "setuptools>=64" wheel triton nibabel SimpleITK tqdm matplotlib tensorboard
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.deps: | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install $(DEPS)
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.built
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m gradicon_fast demo
+
+bench: setup
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf build *.egg-info gradicon_fast/_C*.so $(VENV)/.built
