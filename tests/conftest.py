@@ -20,3 +20,71 @@ def rng():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"generator seed: {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+# ---- random inputs shared by the foundation tests ------------------------------------------------
+# Every helper takes the test's `rng` generator so that the printed seed reproduces the inputs.
+
+
+def rand_uniform(generator, shape, lo=0.0, hi=1.0, dtype=torch.float64):
+    """Uniform numbers in [lo, hi) drawn from ``generator``."""
+    return lo + (hi - lo) * torch.rand(shape, generator=generator, dtype=dtype)
+
+
+def random_field(generator, batch, shape, magnitude, dtype=torch.float64):
+    """A rough displacement field (batch, d, *shape): independent uniform values in [-magnitude, magnitude]."""
+    return rand_uniform(generator, (batch, len(shape), *shape), -magnitude, magnitude, dtype)
+
+
+def smooth_field(generator, batch, shape, magnitude, dtype=torch.float64, control=3):
+    """A smooth displacement field: uniform values on a ``control``-per-axis grid, upsampled (bi/trilinear).
+
+    Its values lie in [-magnitude, magnitude]; with few control points it is smooth but not affine.
+    """
+    d = len(shape)
+    coarse = rand_uniform(generator, (batch, d, *([control] * d)), -magnitude, magnitude, torch.float64)
+    mode = "bilinear" if d == 2 else "trilinear"
+    fine = torch.nn.functional.interpolate(coarse, size=tuple(shape), mode=mode, align_corners=True)
+    return fine.to(dtype).contiguous()
+
+
+def random_shape(generator, d, lo=3, hi=8):
+    """A random spatial shape with sizes in [lo, hi], never cubic (at least two sizes differ)."""
+    while True:
+        shape = tuple(int(s) for s in torch.randint(lo, hi + 1, (d,), generator=generator))
+        if len(set(shape)) > 1:
+            return shape
+
+
+def random_chain(generator, d, batch, length, magnitude, dtype=torch.float64, lo=3, hi=8, smooth=False,
+                 broadcast=True):
+    """A chain of ``length`` fields of different random non-cubic resolutions.
+
+    With ``broadcast`` and batch > 1, the second field has batch size 1 (it broadcasts over the batch).
+    """
+    chain = []
+    for i in range(length):
+        shape = random_shape(generator, d, lo, hi)
+        b = 1 if (broadcast and batch > 1 and i == 1) else batch
+        make = smooth_field if smooth else random_field
+        chain.append(make(generator, b, shape, magnitude, dtype))
+    return chain
+
+
+def random_points(generator, batch, d, points_shape, lo=-0.3, hi=1.3, dtype=torch.float64):
+    """Points (batch, d, *points_shape) uniform in [lo, hi]^d: some fall outside [0, 1]."""
+    return rand_uniform(generator, (batch, d, *points_shape), lo, hi, dtype)
+
+
+def relative_error(got, expected):
+    """Norm-wise relative error ||got - expected|| / ||expected|| over tensors or lists of tensors."""
+    if isinstance(got, torch.Tensor):
+        got, expected = [got], [expected]
+    num = sum(float(((g.double() - e.double()) ** 2).sum()) for g, e in zip(got, expected))
+    den = sum(float((e.double() ** 2).sum()) for e in expected)
+    return (num / den) ** 0.5 if den > 0 else num ** 0.5
+
+
+def leaves(tensors):
+    """Detached copies of ``tensors`` that require grad."""
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
