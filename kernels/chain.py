@@ -1,0 +1,190 @@
+"""Chains of displacement fields in the Triton kernels: how they are passed, evaluated and
+differentiated (SPEC §1), the counterpart of ``csrc/chain.h``.
+
+How a chain reaches a kernel
+----------------------------
+Every kernel takes ``MAX_FIELDS`` (16, enough for φ_AB∘φ_BA with 8 fields each) *slots*, each
+the five arguments ``F<j>, G<j>, A<j>, B<j>, C<j>``: the field's data pointer, its gradient
+buffer, and its sizes along spatial axes 0, 1, 2 (2D fields use A and B). The fields are passed
+as they are (contiguous), never copied or packed; unused slots repeat a real tensor and are never
+read. The kernel body turns the slots into tuples ``fields``, ``grads``, ``sizes``; the helpers
+below index them with compile-time slot numbers (``tl.static_range`` unrolls the chain), so a
+kernel is specialised on the number of fields ``NF`` and on two bit masks, ``BATCHED`` (slot j
+has a batch axis; otherwise it broadcasts over the batch) and ``GMASK`` (slot j wants a
+gradient). ``ROT`` rotates the slots: the composed chain's field i (0 = outermost) is slot
+``(i + ROT) % NF``, so that ICON's φ_BA∘φ_AB reuses the slots of φ_AB∘φ_BA.
+
+Sizes are plain int arguments that Triton does not specialise on (``SIZE_ARGS`` are listed in
+``do_not_specialize``): a new grid size does not compile a new kernel.
+
+Evaluation and reverse pass
+---------------------------
+``chain_forward`` moves E points (a tuple of D-tuples) through the fields, innermost first, and
+returns the positions each field was sampled at (the *stash*, kept in registers) for the
+reverse pass; ``chain_backward`` walks back outermost first, scatters ``∂L/∂field`` with
+atomic adds (``sampling.scatter_cells``) and carries the adjoint ``ā ← ā + J_s(y)ᵀ ā`` to the
+next field. Nothing is stored between the forward and the backward kernels: the backward
+kernels run the forward pass again.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .sampling import as_index, interpolate, interpolate_gradient, locate_cell, scatter_cells
+
+MAX_FIELDS = 16
+SIZE_ARGS = [f"{axis}{j}" for j in range(MAX_FIELDS) for axis in "ABC"]
+
+
+@triton.jit
+def field_at(fields, grads, sizes, SLOT: tl.constexpr, BATCHED: tl.constexpr, b, D: tl.constexpr,
+             BIG: tl.constexpr):
+    """(data pointer, gradient pointer) of slot ``SLOT`` at batch entry ``b``, its sizes, and its
+    channel stride."""
+    sz = sizes[SLOT]
+    if D == 3:
+        channel_stride = as_index(sz[0], BIG) * sz[1] * sz[2]
+    else:
+        channel_stride = as_index(sz[0], BIG) * sz[1]
+    if (BATCHED >> SLOT) & 1:
+        offset = as_index(b, BIG) * (channel_stride * D)
+    else:
+        offset = as_index(b, BIG) * 0
+    return fields[SLOT] + offset, grads[SLOT] + offset, sz, channel_stride
+
+
+@triton.jit
+def sample_field(ptr, channel_stride, cell, D: tl.constexpr, CT: tl.constexpr, mask):
+    """The D channels of a displacement field at a cell."""
+    if D == 3:
+        s = (interpolate(ptr, cell, D, CT, mask),
+             interpolate(ptr + channel_stride, cell, D, CT, mask),
+             interpolate(ptr + 2 * channel_stride, cell, D, CT, mask))
+    else:
+        s = (interpolate(ptr, cell, D, CT, mask), interpolate(ptr + channel_stride, cell, D, CT, mask))
+    return s
+
+
+@triton.jit
+def _step_points(pts, ptr, channel_stride, sz, E: tl.constexpr, D: tl.constexpr, CT: tl.constexpr,
+                 BIG: tl.constexpr, mask):
+    """y ← y + sample(field, y) for E points."""
+    out = ()
+    for e in tl.static_range(E):
+        cell = locate_cell(pts[e], sz, D, BIG)
+        s = sample_field(ptr, channel_stride, cell, D, CT, mask)
+        y = ()
+        for k in tl.static_range(D):
+            y = y + (pts[e][k] + s[k],)
+        out = out + (y,)
+    return out
+
+
+@triton.jit
+def chain_forward(pts, fields, grads, sizes, b, NF: tl.constexpr, ROT: tl.constexpr, BATCHED: tl.constexpr,
+                  E: tl.constexpr, D: tl.constexpr, CT: tl.constexpr, BIG: tl.constexpr, mask):
+    """φ at E points (an E-tuple of D-tuples). Returns (φ(points), stash); stash[jj] holds the
+    positions at which the composed chain's field NF-1-jj was sampled (application order)."""
+    stash = ()
+    for jj in tl.static_range(NF):
+        ptr, _, sz, cs = field_at(fields, grads, sizes, (NF - 1 - jj + ROT) % NF, BATCHED, b, D, BIG)
+        stash = stash + (pts,)
+        pts = _step_points(pts, ptr, cs, sz, E, D, CT, BIG, mask)
+    return pts, stash
+
+
+@triton.jit
+def _adjoint_step(a, ptr, channel_stride, cell, D: tl.constexpr, CT: tl.constexpr, mask):
+    """ā + J_s(y)ᵀ ā for one point: y' = y + s(y)."""
+    nxt = a
+    for ch in tl.static_range(D):
+        g = interpolate_gradient(ptr + ch * channel_stride, cell, D, CT, mask)
+        upd = ()
+        for k in tl.static_range(D):
+            upd = upd + (nxt[k] + a[ch] * g[k],)
+        nxt = upd
+    return nxt
+
+
+@triton.jit
+def chain_backward(adj, stash, fields, grads, sizes, b, NF: tl.constexpr, ROT: tl.constexpr,
+                   BATCHED: tl.constexpr, GMASK: tl.constexpr, STOP: tl.constexpr, E: tl.constexpr,
+                   D: tl.constexpr, CT: tl.constexpr, BIG: tl.constexpr, mask):
+    """Reverse pass of ``chain_forward``. ``adj`` (E-tuple of D-tuples) holds ∂L/∂φ(x_e) on entry;
+    field gradients are scattered into the slots whose ``GMASK`` bit is set. The adjoint is
+    carried through the composed chain's fields 0 … STOP-1; on return it is ∂L/∂(position at
+    which field STOP was sampled) — ∂L/∂x when STOP == NF."""
+    for i in tl.static_range(NF):
+        if i <= STOP:
+            ptr, gptr, sz, cs = field_at(fields, grads, sizes, (i + ROT) % NF, BATCHED, b, D, BIG)
+            cells = ()
+            for e in tl.static_range(E):
+                cells = cells + (locate_cell(stash[NF - 1 - i][e], sz, D, BIG),)
+            if (GMASK >> ((i + ROT) % NF)) & 1:
+                scatter_cells(gptr, cs, cells, adj, E, D, mask)
+            if i < STOP:
+                nxt = ()
+                for e in tl.static_range(E):
+                    nxt = nxt + (_adjoint_step(adj[e], ptr, cs, cells[e], D, CT, mask),)
+                adj = nxt
+    return adj
+
+
+# ---- host side --------------------------------------------------------------------------------
+
+
+def compute_type(dtype: torch.dtype):
+    """Triton compute type of fields of ``dtype``: float64 stays float64, the rest compute in float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the gradient buffers the kernels add into (half-precision fields: float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_big(*tensors: torch.Tensor) -> bool:
+    """Whether offsets into any of ``tensors`` need 64 bits."""
+    return any(t.numel() >= 2**31 for t in tensors)
+
+
+def slot_args(fields, grads, batch: int):
+    """The kernel arguments of the slots, and the BATCHED mask.
+
+    ``fields``: contiguous (B|1, d, *S) tensors, outermost first; ``grads``: per field a gradient
+    buffer of the same shape or None.
+    """
+    if not 1 <= len(fields) <= MAX_FIELDS:
+        raise ValueError(f"a composed chain may have 1 to {MAX_FIELDS} fields, got {len(fields)}")
+    args = []
+    batched = 0
+    filler = fields[0]
+    for j in range(MAX_FIELDS):
+        if j < len(fields):
+            f = fields[j]
+            g = grads[j] if grads[j] is not None else f
+            spatial = list(f.shape[2:]) + [1] * (3 - (f.ndim - 2))
+            if f.shape[0] != 1 and batch > 1:
+                batched |= 1 << j
+        else:
+            f, g, spatial = filler, filler, [1, 1, 1]
+        args += [f, g, *spatial]
+    return args, batched
+
+
+def grad_mask(needs) -> int:
+    mask = 0
+    for j, n in enumerate(needs):
+        if n:
+            mask |= 1 << j
+    return mask
+
+
+def stop_index(needs_by_order, points_need_grad: bool) -> int:
+    """How far (in composed order, 0 = outermost) the reverse pass must carry the adjoint: to the
+    innermost field that wants a gradient, or through the whole chain for a point gradient."""
+    if points_need_grad:
+        return len(needs_by_order)
+    wanted = [i for i, n in enumerate(needs_by_order) if n]
+    return wanted[-1] if wanted else -1

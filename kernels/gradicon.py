@@ -1,0 +1,134 @@
+"""Triton kernels: the finite-difference GradICON penalty of one direction (SPEC §2).
+
+``L = Σ_k mean(g_k²)``, ``g_k = (e(x) - e(x + δ ê_k)) / δ``, ``e(x) = x - φ(x)``, φ = φ_AB∘φ_BA
+(the slots hold φ_AB's fields, then φ_BA's). Each point x travels through the composed chain
+with its d shifted copies (E = d + 1 points, in lockstep, so that their reads and gradient
+writes hit the same cells).
+
+* ``gradicon_forward`` (autotuned on GPU): program (t, b) sums Σ_k Σ_c g² over the TILE points
+  of tile t of batch entry b, in BLOCK-sized steps, in the compute type, and writes one partial
+  sum; the host adds the partials in float64 and divides by B·d·N.
+* ``gradicon_backward``: per point, the same forward pass (the noise drawn again from the seed),
+  then ``∂L/∂φ(x_e)`` and the reverse pass through the chain; field gradients by atomic adds.
+"""
+
+import triton
+import triton.language as tl
+
+from .chain import SIZE_ARGS, chain_backward, chain_forward
+from .penalty_points import penalty_point, scalar_from_bits
+from .sampling import as_index, div_rn
+from .tuning import forward_configs
+
+
+@triton.jit
+def _shifted(x, delta, D: tl.constexpr):
+    """(x, x + δ ê_0, …, x + δ ê_{d-1})."""
+    pts = (x,)
+    for k in tl.static_range(D):
+        y = ()
+        for c in tl.static_range(D):
+            if c == k:
+                y = y + (x[c] + delta,)
+            else:
+                y = y + (x[c],)
+        pts = pts + (y,)
+    return pts
+
+
+@triton.jit
+def _fd_gradient_error(start, end, delta, D: tl.constexpr, CT: tl.constexpr):
+    """g[k][c] = ((start_0 - end_0) - (start_k+1 - end_k+1))[c] / δ, as a D-tuple of D-tuples."""
+    g = ()
+    for k in tl.static_range(D):
+        gk = ()
+        for c in tl.static_range(D):
+            e0 = start[0][c] - end[0][c]
+            ek = start[k + 1][c] - end[k + 1][c]
+            gk = gk + (div_rn(e0 - ek, delta, CT),)
+        g = g + (gk,)
+    return g
+
+
+def _gradicon(
+    NOISE, PARTIAL, GRAD_LOSS, N, W0, W1, W2, P0, P1, P2, STRIDE, SEED, NOISE_SCALE_BITS, DELTA_BITS, COUNT,
+    F0, G0, A0, B0, C0,
+    F1, G1, A1, B1, C1,
+    F2, G2, A2, B2, C2,
+    F3, G3, A3, B3, C3,
+    F4, G4, A4, B4, C4,
+    F5, G5, A5, B5, C5,
+    F6, G6, A6, B6, C6,
+    F7, G7, A7, B7, C7,
+    F8, G8, A8, B8, C8,
+    F9, G9, A9, B9, C9,
+    F10, G10, A10, B10, C10,
+    F11, G11, A11, B11, C11,
+    F12, G12, A12, B12, C12,
+    F13, G13, A13, B13, C13,
+    F14, G14, A14, B14, C14,
+    F15, G15, A15, B15, C15,
+    NF: tl.constexpr, BATCHED: tl.constexpr, GMASK: tl.constexpr, STOP: tl.constexpr,
+    HAS_NOISE: tl.constexpr, BACKWARD: tl.constexpr,
+    D: tl.constexpr, F64: tl.constexpr, BIG: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    CT: tl.constexpr = tl.float64 if F64 else tl.float32
+    fields = (F0, F1, F2, F3, F4, F5, F6, F7, F8, F9, F10, F11, F12, F13, F14, F15)
+    grads = (G0, G1, G2, G3, G4, G5, G6, G7, G8, G9, G10, G11, G12, G13, G14, G15)
+    sizes = ((A0, B0, C0), (A1, B1, C1), (A2, B2, C2), (A3, B3, C3), (A4, B4, C4), (A5, B5, C5),
+             (A6, B6, C6), (A7, B7, C7), (A8, B8, C8), (A9, B9, C9), (A10, B10, C10), (A11, B11, C11),
+             (A12, B12, C12), (A13, B13, C13), (A14, B14, C14), (A15, B15, C15))
+    b = tl.program_id(1)
+    n = as_index(N, BIG)
+    noise_scale = scalar_from_bits(NOISE_SCALE_BITS, CT)
+    delta = scalar_from_bits(DELTA_BITS, CT)
+    if BACKWARD:
+        offs = as_index(tl.program_id(0), BIG) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, SEED, noise_scale, HAS_NOISE, D, CT,
+                          mask)
+        start = _shifted(x, delta, D)
+        end, stash = chain_forward(start, fields, grads, sizes, b, NF, 0, BATCHED, D + 1, D, CT, BIG, mask)
+        g = _fd_gradient_error(start, end, delta, D, CT)
+        # ∂L/∂φ(x_e) for L = (grad / (B·d·N)) · Σ g².
+        scale = div_rn(tl.load(GRAD_LOSS).to(CT), COUNT.to(CT), CT)
+        s = div_rn(2 * scale, delta, CT)
+        rest = ()
+        for k in tl.static_range(D):
+            ak = ()
+            for c in tl.static_range(D):
+                ak = ak + (g[k][c] * s,)
+            rest = rest + (ak,)
+        a0 = ()
+        for c in tl.static_range(D):
+            v = tl.zeros_like(x[0])
+            for k in tl.static_range(D):
+                v -= rest[k][c]
+            a0 = a0 + (v,)
+        adj = (a0,) + rest
+        chain_backward(adj, stash, fields, grads, sizes, b, NF, 0, BATCHED, GMASK, STOP, D + 1, D, CT, BIG, mask)
+    else:
+        tile = as_index(tl.program_id(0), BIG) * TILE
+        acc = tl.zeros((BLOCK,), CT)
+        for t in range(0, TILE, BLOCK):
+            offs = tile + t + tl.arange(0, BLOCK)
+            mask = offs < n
+            x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, SEED, noise_scale, HAS_NOISE, D,
+                              CT, mask)
+            start = _shifted(x, delta, D)
+            end, _ = chain_forward(start, fields, grads, sizes, b, NF, 0, BATCHED, D + 1, D, CT, BIG, mask)
+            g = _fd_gradient_error(start, end, delta, D, CT)
+            sq = tl.zeros_like(acc)
+            for k in tl.static_range(D):
+                for c in tl.static_range(D):
+                    sq += g[k][c] * g[k][c]
+            acc += tl.where(mask, sq, 0.0)
+        tl.store(PARTIAL + b * tl.num_programs(0) + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+_NO_SPECIALIZE = ["N", "W0", "W1", "W2", "P0", "P1", "P2", "STRIDE", "SEED", "NOISE_SCALE_BITS", "DELTA_BITS",
+                  "COUNT", *SIZE_ARGS]
+
+gradicon_forward = triton.autotune(configs=forward_configs(), key=["N", "NF", "D"])(
+    triton.jit(_gradicon, do_not_specialize=_NO_SPECIALIZE))
+gradicon_backward = triton.jit(_gradicon, do_not_specialize=_NO_SPECIALIZE)

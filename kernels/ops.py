@@ -1,0 +1,513 @@
+"""The Triton backend's operators ``torch.ops.gradicon_fast_triton.*`` and their typed wrappers.
+
+The wrappers at the bottom have the signatures of ``gradicon_fast.ops``' (``functional.py``
+calls them for ``backend="triton"``). Each operator is a ``torch.library.triton_op`` whose body
+launches the kernels through ``torch.library.wrap_triton``, so that ``torch.compile`` can trace
+it; ``register_autograd`` makes it differentiable through a backward operator that recomputes
+everything from the inputs (and the noise seed): nothing but the inputs is saved. On a torch
+without ``triton_op`` the operators are ``custom_op``s with shape-only fake kernels.
+
+Dtypes: float32 and float64 fields compute in their own precision; bfloat16/float16 fields
+are read as they are and computed with in float32, their gradients accumulated in float32 and
+rounded once at the end; outputs have the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+
+from .chain import MAX_FIELDS, accumulation_dtype, grad_mask, is_big, slot_args, stop_index
+from .gradicon import gradicon_backward, gradicon_forward
+from .icon import icon_backward, icon_forward
+from .noise import normal_noise_kernel
+from .penalty_points import float_bits
+from .transform_points import transform_points_backward, transform_points_forward
+from .tuning import BLOCK, NUM_WARPS, TILE
+from .warp import warp_backward, warp_forward
+
+Tensor = torch.Tensor
+
+NAMESPACE = "gradicon_fast_triton"
+MAX_CHAIN = MAX_FIELDS // 2
+
+_wrap = getattr(torch.library, "wrap_triton", None) or (lambda kernel: kernel)
+
+
+# ---- argument plumbing --------------------------------------------------------------------------
+
+
+def _check_chain(name: str, chain: Sequence[Tensor], max_fields: int = MAX_CHAIN) -> int:
+    """Shape/dtype/device checks that keep the kernels' reads in bounds; returns d."""
+    if not 1 <= len(chain) <= max_fields:
+        raise ValueError(f"{name} must have 1 to {max_fields} fields, got {len(chain)}")
+    d = chain[0].ndim - 2
+    if d not in (2, 3):
+        raise ValueError(f"{name}[0] must be (B, d, *spatial) with d = 2 or 3, got {tuple(chain[0].shape)}")
+    for i, f in enumerate(chain):
+        if f.ndim != d + 2 or f.shape[1] != d:
+            raise ValueError(f"{name}[{i}] must be (B, {d}, *spatial), got {tuple(f.shape)}")
+        if f.dtype != chain[0].dtype or f.device != chain[0].device:
+            raise ValueError(f"{name}[{i}] must have the dtype and device of {name}[0]")
+        if not f.is_floating_point():
+            raise TypeError(f"{name}[{i}] must have a floating-point dtype, got {f.dtype}")
+    return d
+
+
+def _batch(*tensors: Tensor) -> int:
+    batch = 1
+    for t in tensors:
+        b = t.shape[0]
+        if b != batch and b != 1 and batch != 1:
+            raise ValueError(f"batch sizes must be equal or 1, got {b} and {batch}")
+        batch = max(batch, b)
+    return batch
+
+
+def _check_like(name: str, t: Tensor, ref: Tensor) -> None:
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(f"{name} must have dtype {ref.dtype} on {ref.device}, got {t.dtype} on {t.device}")
+
+
+def _grad_buffers(fields: Sequence[Tensor], needs: Sequence[bool]) -> list[Optional[Tensor]]:
+    return [torch.zeros(f.shape, dtype=accumulation_dtype(f.dtype), device=f.device) if n else None
+            for f, n in zip(fields, needs)]
+
+
+def _returned(buffers: Sequence[Optional[Tensor]], fields: Sequence[Tensor]) -> list[Tensor]:
+    """The gradients in the fields' dtype; an empty tensor where none was wanted (as the C++ ops)."""
+    return [b.to(f.dtype) if b is not None else f.new_empty((0,)) for b, f in zip(buffers, fields)]
+
+
+def _common(d: int, dtype: torch.dtype, big: bool) -> dict:
+    return {"D": d, "F64": dtype == torch.float64, "BIG": big}
+
+
+def _penalty_points(d: int, shape: Sequence[int], stride: int) -> list[int]:
+    if len(shape) != d or any(int(s) < 1 for s in shape):
+        raise ValueError(f"shape must have {d} entries >= 1, got {list(shape)}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    return [(int(s) + stride - 1) // stride for s in shape]
+
+
+def _noise_arg(noise: Optional[Tensor], d: int, counts: Sequence[int], ref: Tensor) -> tuple[Tensor, bool]:
+    if noise is None:
+        return ref, False
+    if list(noise.shape) != [1, d, *counts]:
+        raise ValueError(f"noise must have shape {[1, d, *counts]}, got {list(noise.shape)}")
+    _check_like("noise", noise, ref)
+    return noise.contiguous(), True
+
+
+def _padded(values: Sequence[int]) -> list[int]:
+    return list(values) + [1] * (3 - len(values))
+
+
+# ---- operator bodies: launch the kernels ------------------------------------------------------
+
+
+def _transform_points(chain: list[Tensor], points: Tensor) -> Tensor:
+    d = _check_chain("chain", chain)
+    _check_like("points", points, chain[0])
+    if points.ndim < 3 or points.shape[1] != d:
+        raise ValueError(f"points must be (B, {d}, *P), got {tuple(points.shape)}")
+    fields = [f.contiguous() for f in chain]
+    x = points.contiguous()
+    batch = _batch(x, *fields)
+    n = math.prod(x.shape[2:])
+    out = x.new_empty((batch, *x.shape[1:]))
+    if n == 0:
+        return out
+    slots, batched = slot_args(fields, [None] * len(fields), batch)
+    _wrap(transform_points_forward)[lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch)](
+        x, out, x, x, n, *slots, NF=len(fields), BATCHED=batched, GMASK=0, STOP=-1,
+        X_BATCHED=x.shape[0] != 1, BACKWARD=False, POINT_GRAD=False, **_common(d, x.dtype, is_big(x, out, *fields)))
+    return out
+
+
+def _transform_points_backward(grad: Tensor, chain: list[Tensor], points: Tensor, chain_needs_grad: list[bool],
+                               points_needs_grad: bool) -> tuple[list[Tensor], Tensor]:
+    d = _check_chain("chain", chain)
+    fields = [f.contiguous() for f in chain]
+    x = points.contiguous()
+    batch = _batch(x, *fields)
+    n = math.prod(x.shape[2:])
+    grad = grad.contiguous()
+    if list(grad.shape) != [batch, *x.shape[1:]]:
+        raise ValueError(f"grad must have shape {[batch, *x.shape[1:]]}, got {list(grad.shape)}")
+    buffers = _grad_buffers(fields, chain_needs_grad)
+    grad_x = x.new_empty((batch, *x.shape[1:])) if points_needs_grad else None
+    stop = stop_index(list(chain_needs_grad), points_needs_grad)
+    if stop >= 0 and n > 0:
+        slots, batched = slot_args(fields, buffers, batch)
+        _wrap(transform_points_backward)[(triton.cdiv(n, BLOCK), batch)](
+            x, x, grad, grad_x if grad_x is not None else x, n, *slots, NF=len(fields), BATCHED=batched,
+            GMASK=grad_mask(chain_needs_grad), STOP=stop, X_BATCHED=x.shape[0] != 1, BACKWARD=True,
+            POINT_GRAD=points_needs_grad, **_common(d, x.dtype, is_big(x, grad, *fields)),
+            BLOCK=BLOCK, num_warps=NUM_WARPS)
+    if grad_x is None:
+        grad_x = x.new_empty((0,))
+    elif x.shape[0] != batch:
+        grad_x = grad_x.sum(0, keepdim=True)
+    return _returned(buffers, fields), grad_x
+
+
+def _warp_args(image: Tensor, chain: list[Tensor], shape: list[int]):
+    d = _check_chain("chain", chain)
+    _check_like("image", image, chain[0])
+    if image.ndim != d + 2 or image.shape[1] < 1:
+        raise ValueError(f"image must be (B, C, *spatial) with {d} spatial axes, got {tuple(image.shape)}")
+    if len(shape) != d or any(int(s) < 1 for s in shape):
+        raise ValueError(f"shape must have {d} entries >= 1, got {list(shape)}")
+    fields = [f.contiguous() for f in chain]
+    img = image.contiguous()
+    batch = _batch(img, *fields)
+    out_shape = [batch, img.shape[1], *[int(s) for s in shape]]
+    return d, fields, img, batch, out_shape
+
+
+def _warp(image: Tensor, chain: list[Tensor], shape: list[int]) -> Tensor:
+    d, fields, img, batch, out_shape = _warp_args(image, chain, shape)
+    out = img.new_empty(out_shape)
+    n = math.prod(shape)
+    slots, batched = slot_args(fields, [None] * len(fields), batch)
+    _wrap(warp_forward)[lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch)](
+        img, out, img, img, img.shape[1], n, *_padded(img.shape[2:]), *_padded(shape), *slots, NF=len(fields),
+        BATCHED=batched, GMASK=0, STOP=-1, IMG_BATCHED=img.shape[0] != 1, BACKWARD=False, IMAGE_GRAD=False,
+        **_common(d, img.dtype, is_big(img, out, *fields)))
+    return out
+
+
+def _warp_backward(grad: Tensor, image: Tensor, chain: list[Tensor], shape: list[int], image_needs_grad: bool,
+                   chain_needs_grad: list[bool]) -> tuple[Tensor, list[Tensor]]:
+    d, fields, img, batch, out_shape = _warp_args(image, chain, shape)
+    grad = grad.contiguous()
+    if list(grad.shape) != out_shape:
+        raise ValueError(f"grad must have shape {out_shape}, got {list(grad.shape)}")
+    n = math.prod(shape)
+    buffers = _grad_buffers(fields, chain_needs_grad)
+    grad_img = torch.zeros(img.shape, dtype=accumulation_dtype(img.dtype), device=img.device) \
+        if image_needs_grad else None
+    stop = stop_index(list(chain_needs_grad), False)
+    if stop >= 0 or image_needs_grad:
+        slots, batched = slot_args(fields, buffers, batch)
+        _wrap(warp_backward)[(triton.cdiv(n, BLOCK), batch)](
+            img, img, grad, grad_img if grad_img is not None else img, img.shape[1], n, *_padded(img.shape[2:]),
+            *_padded(shape), *slots, NF=len(fields), BATCHED=batched, GMASK=grad_mask(chain_needs_grad), STOP=stop,
+            IMG_BATCHED=img.shape[0] != 1, BACKWARD=True, IMAGE_GRAD=image_needs_grad,
+            **_common(d, img.dtype, is_big(img, grad, *fields)), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    grad_image = grad_img.to(img.dtype) if grad_img is not None else img.new_empty((0,))
+    return grad_image, _returned(buffers, fields)
+
+
+def _pair(chain_ab: list[Tensor], chain_ba: list[Tensor]):
+    d = _check_chain("chain_ab", chain_ab)
+    if _check_chain("chain_ba", chain_ba) != d:
+        raise ValueError("chain_ab and chain_ba must both be 2D or 3D")
+    _check_like("chain_ba[0]", chain_ba[0], chain_ab[0])
+    fields = [f.contiguous() for f in list(chain_ab) + list(chain_ba)]
+    return d, fields, _batch(*fields)
+
+
+def _loss_from_partials(partial: Tensor, count: int, dtype: torch.dtype) -> Tensor:
+    return (partial.sum(dtype=torch.float64) / count).to(dtype)
+
+
+def _gradicon_launch(kernel, grid, fields, buffers, batch, d, shape, stride, noise, seed, delta, noise_scale,
+                     partial, grad_loss, gmask, stop, backward, launch):
+    counts = _penalty_points(d, shape, stride)
+    n = math.prod(counts)
+    noise_arg, has_noise = _noise_arg(noise, d, counts, fields[0])
+    slots, batched = slot_args(fields, buffers, batch)
+    _wrap(kernel)[grid(n)](
+        noise_arg, partial, grad_loss, n, *_padded(shape), *_padded(counts), int(stride), int(seed),
+        float_bits(noise_scale), float_bits(delta), batch * d * n, *slots, NF=len(fields), BATCHED=batched,
+        GMASK=gmask, STOP=stop, HAS_NOISE=has_noise, BACKWARD=backward,
+        **_common(d, fields[0].dtype, is_big(noise_arg, *fields)), TILE=TILE, **launch)
+
+
+def _gradicon_loss(chain_ab: list[Tensor], chain_ba: list[Tensor], shape: list[int], stride: int,
+                   noise: Optional[Tensor], seed: int, delta: float, noise_scale: float) -> Tensor:
+    d, fields, batch = _pair(chain_ab, chain_ba)
+    n = math.prod(_penalty_points(d, shape, stride))
+    programs = triton.cdiv(n, TILE)
+    partial = fields[0].new_zeros((batch * programs,), dtype=accumulation_dtype(fields[0].dtype))
+    _gradicon_launch(gradicon_forward, lambda n: (programs, batch), fields, [None] * len(fields), batch, d, shape,
+                     stride, noise, seed, delta, noise_scale, partial, partial, 0, -1, False, {})
+    return _loss_from_partials(partial, batch * d * n, fields[0].dtype)
+
+
+def _gradicon_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain_ba: list[Tensor], shape: list[int],
+                            stride: int, noise: Optional[Tensor], seed: int, delta: float, noise_scale: float,
+                            ab_needs_grad: list[bool], ba_needs_grad: list[bool]) -> tuple[list[Tensor], list[Tensor]]:
+    d, fields, batch = _pair(chain_ab, chain_ba)
+    needs = list(ab_needs_grad) + list(ba_needs_grad)
+    buffers = _grad_buffers(fields, needs)
+    stop = stop_index(needs, False)
+    if stop >= 0:
+        _gradicon_launch(gradicon_backward, lambda n: (triton.cdiv(n, BLOCK), batch), fields, buffers, batch, d,
+                         shape, stride, noise, seed, delta, noise_scale, fields[0], grad.contiguous(),
+                         grad_mask(needs), stop, True, {"BLOCK": BLOCK, "num_warps": NUM_WARPS})
+    grads = _returned(buffers, fields)
+    return grads[:len(chain_ab)], grads[len(chain_ab):]
+
+
+def _icon_launch(kernel, grid, fields, buffers, n_ab, batch, d, shape, noise, seed, noise_scale, partial, grad_loss,
+                 gmask, stop_ab, stop_ba, backward, launch):
+    counts = _penalty_points(d, shape, 1)
+    n = math.prod(counts)
+    noise_arg, has_noise = _noise_arg(noise, d, counts, fields[0])
+    slots, batched = slot_args(fields, buffers, batch)
+    _wrap(kernel)[grid(n)](
+        noise_arg, partial, grad_loss, n, *_padded(shape), int(seed), float_bits(noise_scale), batch * d * n,
+        *slots, NF=len(fields), NA=n_ab, BATCHED=batched, GMASK=gmask, STOP_AB=stop_ab, STOP_BA=stop_ba,
+        HAS_NOISE=has_noise, BACKWARD=backward, **_common(d, fields[0].dtype, is_big(noise_arg, *fields)),
+        TILE=TILE, **launch)
+
+
+def _icon_loss(chain_ab: list[Tensor], chain_ba: list[Tensor], shape: list[int], noise: Optional[Tensor], seed: int,
+               noise_scale: float) -> Tensor:
+    d, fields, batch = _pair(chain_ab, chain_ba)
+    n = math.prod(_penalty_points(d, shape, 1))
+    programs = triton.cdiv(n, TILE)
+    partial = fields[0].new_zeros((batch * programs,), dtype=accumulation_dtype(fields[0].dtype))
+    _icon_launch(icon_forward, lambda n: (programs, batch), fields, [None] * len(fields), len(chain_ab), batch, d,
+                 shape, noise, seed, noise_scale, partial, partial, 0, -1, -1, False, {})
+    return _loss_from_partials(partial, batch * d * n, fields[0].dtype)
+
+
+def _icon_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain_ba: list[Tensor], shape: list[int],
+                        noise: Optional[Tensor], seed: int, noise_scale: float, ab_needs_grad: list[bool],
+                        ba_needs_grad: list[bool]) -> tuple[list[Tensor], list[Tensor]]:
+    d, fields, batch = _pair(chain_ab, chain_ba)
+    ab, ba = list(ab_needs_grad), list(ba_needs_grad)
+    buffers = _grad_buffers(fields, ab + ba)
+    stop_ab, stop_ba = stop_index(ab + ba, False), stop_index(ba + ab, False)
+    if stop_ab >= 0:
+        _icon_launch(icon_backward, lambda n: (triton.cdiv(n, BLOCK), batch), fields, buffers, len(chain_ab), batch,
+                     d, shape, noise, seed, noise_scale, fields[0], grad.contiguous(), grad_mask(ab + ba), stop_ab,
+                     stop_ba, True, {"BLOCK": BLOCK, "num_warps": NUM_WARPS})
+    grads = _returned(buffers, fields)
+    return grads[:len(chain_ab)], grads[len(chain_ab):]
+
+
+def _normal_noise(seed: int, d: int, points_shape: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    out = torch.empty((1, d, *points_shape), dtype=dtype, device=device)
+    n = math.prod(points_shape)
+    if n:
+        _wrap(normal_noise_kernel)[(triton.cdiv(n, BLOCK),)](out, n, int(seed), D=d, BIG=is_big(out), BLOCK=BLOCK,
+                                                             num_warps=NUM_WARPS)
+    return out
+
+
+# ---- fake kernels (only used where torch lacks triton_op) -------------------------------------
+
+
+def _fake_pair_grads(chain_ab, chain_ba, ab_needs_grad, ba_needs_grad):
+    return ([f.new_empty(f.shape) if n else f.new_empty((0,)) for f, n in zip(chain_ab, ab_needs_grad)],
+            [f.new_empty(f.shape) if n else f.new_empty((0,)) for f, n in zip(chain_ba, ba_needs_grad)])
+
+
+def _fake_transform_points(chain, points):
+    return points.new_empty((_batch(points, *chain), *points.shape[1:]))
+
+
+def _fake_transform_points_backward(grad, chain, points, chain_needs_grad, points_needs_grad):
+    return ([f.new_empty(f.shape) if n else f.new_empty((0,)) for f, n in zip(chain, chain_needs_grad)],
+            points.new_empty(points.shape) if points_needs_grad else points.new_empty((0,)))
+
+
+def _fake_warp(image, chain, shape):
+    return image.new_empty((_batch(image, *chain), image.shape[1], *shape))
+
+
+def _fake_warp_backward(grad, image, chain, shape, image_needs_grad, chain_needs_grad):
+    return (image.new_empty(image.shape) if image_needs_grad else image.new_empty((0,)),
+            [f.new_empty(f.shape) if n else f.new_empty((0,)) for f, n in zip(chain, chain_needs_grad)])
+
+
+def _fake_gradicon(chain_ab, chain_ba, shape, stride, noise, seed, delta, noise_scale):
+    return chain_ab[0].new_empty(())
+
+
+def _fake_gradicon_backward(grad, chain_ab, chain_ba, shape, stride, noise, seed, delta, noise_scale, ab_needs_grad,
+                            ba_needs_grad):
+    return _fake_pair_grads(chain_ab, chain_ba, ab_needs_grad, ba_needs_grad)
+
+
+def _fake_icon(chain_ab, chain_ba, shape, noise, seed, noise_scale):
+    return chain_ab[0].new_empty(())
+
+
+def _fake_icon_backward(grad, chain_ab, chain_ba, shape, noise, seed, noise_scale, ab_needs_grad, ba_needs_grad):
+    return _fake_pair_grads(chain_ab, chain_ba, ab_needs_grad, ba_needs_grad)
+
+
+def _fake_normal_noise(seed, d, points_shape, dtype, device):
+    return torch.empty((1, d, *points_shape), dtype=dtype, device=device)
+
+
+# ---- registration -----------------------------------------------------------------------------
+
+
+def _op_exists(name: str) -> bool:
+    try:
+        getattr(getattr(torch.ops, NAMESPACE), name).default
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _define(name: str, fn, fake) -> None:
+    """Define ``gradicon_fast_triton::name`` with body ``fn`` (once per process)."""
+    if _op_exists(name):
+        return
+    qualname = f"{NAMESPACE}::{name}"
+    if hasattr(torch.library, "triton_op"):
+        torch.library.triton_op(qualname, fn, mutates_args=())
+    else:
+        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        op.register_fake(fake)
+
+
+def _list_needs(needs, count: int) -> list[bool]:
+    return [bool(n) for n in (needs if isinstance(needs, (list, tuple)) else [needs] * count)]
+
+
+def _grads_or_none(grads, needed):
+    return [g if n else None for g, n in zip(grads, needed)]
+
+
+def _register_autograd() -> None:
+    ops = getattr(torch.ops, NAMESPACE)
+
+    def setup_transform_points(ctx, inputs, output):
+        chain, points = inputs
+        ctx.chain_len = len(chain)
+        ctx.save_for_backward(*chain, points)
+
+    def backward_transform_points(ctx, grad):
+        *chain, points = ctx.saved_tensors
+        chain_needs, points_needs = ctx.needs_input_grad
+        chain_needs = _list_needs(chain_needs, ctx.chain_len)
+        grads, grad_points = ops.transform_points_backward(grad, chain, points, chain_needs, bool(points_needs))
+        return _grads_or_none(grads, chain_needs), grad_points if points_needs else None
+
+    torch.library.register_autograd(f"{NAMESPACE}::transform_points", backward_transform_points,
+                                    setup_context=setup_transform_points)
+
+    def setup_warp(ctx, inputs, output):
+        image, chain, shape = inputs
+        ctx.shape = list(shape)
+        ctx.chain_len = len(chain)
+        ctx.save_for_backward(image, *chain)
+
+    def backward_warp(ctx, grad):
+        image, *chain = ctx.saved_tensors
+        image_needs, chain_needs, _ = ctx.needs_input_grad
+        chain_needs = _list_needs(chain_needs, ctx.chain_len)
+        grad_image, grads = ops.warp_backward(grad, image, chain, ctx.shape, bool(image_needs), chain_needs)
+        return grad_image if image_needs else None, _grads_or_none(grads, chain_needs), None
+
+    torch.library.register_autograd(f"{NAMESPACE}::warp", backward_warp, setup_context=setup_warp)
+
+    def pair_needs(ctx, n_ab, n_ba):
+        return _list_needs(ctx.needs_input_grad[0], n_ab), _list_needs(ctx.needs_input_grad[1], n_ba)
+
+    def setup_gradicon(ctx, inputs, output):
+        chain_ab, chain_ba, shape, stride, noise, seed, delta, noise_scale = inputs
+        ctx.n_ab, ctx.n_ba = len(chain_ab), len(chain_ba)
+        ctx.args = (list(shape), stride, seed, delta, noise_scale)
+        ctx.has_noise = noise is not None
+        ctx.save_for_backward(*chain_ab, *chain_ba, *([noise] if noise is not None else []))
+
+    def backward_gradicon(ctx, grad):
+        saved = ctx.saved_tensors
+        chain_ab, chain_ba = list(saved[:ctx.n_ab]), list(saved[ctx.n_ab:ctx.n_ab + ctx.n_ba])
+        noise = saved[-1] if ctx.has_noise else None
+        shape, stride, seed, delta, noise_scale = ctx.args
+        ab_needs, ba_needs = pair_needs(ctx, ctx.n_ab, ctx.n_ba)
+        grads_ab, grads_ba = ops.gradicon_loss_backward(grad, chain_ab, chain_ba, shape, stride, noise, seed, delta,
+                                                        noise_scale, ab_needs, ba_needs)
+        return (_grads_or_none(grads_ab, ab_needs), _grads_or_none(grads_ba, ba_needs),
+                None, None, None, None, None, None)
+
+    torch.library.register_autograd(f"{NAMESPACE}::gradicon_loss", backward_gradicon, setup_context=setup_gradicon)
+
+    def setup_icon(ctx, inputs, output):
+        chain_ab, chain_ba, shape, noise, seed, noise_scale = inputs
+        ctx.n_ab, ctx.n_ba = len(chain_ab), len(chain_ba)
+        ctx.args = (list(shape), seed, noise_scale)
+        ctx.has_noise = noise is not None
+        ctx.save_for_backward(*chain_ab, *chain_ba, *([noise] if noise is not None else []))
+
+    def backward_icon(ctx, grad):
+        saved = ctx.saved_tensors
+        chain_ab, chain_ba = list(saved[:ctx.n_ab]), list(saved[ctx.n_ab:ctx.n_ab + ctx.n_ba])
+        noise = saved[-1] if ctx.has_noise else None
+        shape, seed, noise_scale = ctx.args
+        ab_needs, ba_needs = pair_needs(ctx, ctx.n_ab, ctx.n_ba)
+        grads_ab, grads_ba = ops.icon_loss_backward(grad, chain_ab, chain_ba, shape, noise, seed, noise_scale,
+                                                    ab_needs, ba_needs)
+        return _grads_or_none(grads_ab, ab_needs), _grads_or_none(grads_ba, ba_needs), None, None, None, None
+
+    torch.library.register_autograd(f"{NAMESPACE}::icon_loss", backward_icon, setup_context=setup_icon)
+
+
+def _register() -> None:
+    if _op_exists("transform_points"):
+        return  # registered by an earlier import of this module under another name
+    _define("transform_points", _transform_points, _fake_transform_points)
+    _define("transform_points_backward", _transform_points_backward, _fake_transform_points_backward)
+    _define("warp", _warp, _fake_warp)
+    _define("warp_backward", _warp_backward, _fake_warp_backward)
+    _define("gradicon_loss", _gradicon_loss, _fake_gradicon)
+    _define("gradicon_loss_backward", _gradicon_loss_backward, _fake_gradicon_backward)
+    _define("icon_loss", _icon_loss, _fake_icon)
+    _define("icon_loss_backward", _icon_loss_backward, _fake_icon_backward)
+    _define("normal_noise", _normal_noise, _fake_normal_noise)
+    _register_autograd()
+
+
+_register()
+
+
+# ---- typed wrappers (the signatures of gradicon_fast.ops') ------------------------------------
+
+
+def _ops():
+    return getattr(torch.ops, NAMESPACE)
+
+
+def normal_noise(seed: int, d: int, points_shape: Sequence[int], *, dtype=torch.float32, device=None) -> Tensor:
+    """The (1, d, *points_shape) standard-normal noise the penalties draw from ``seed``."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return _ops().normal_noise(int(seed), int(d), [int(s) for s in points_shape], dtype, device)
+
+
+def transform_points(chain: Sequence[Tensor], points: Tensor) -> Tensor:
+    return _ops().transform_points(list(chain), points)
+
+
+def warp(image: Tensor, chain: Sequence[Tensor], shape: Sequence[int]) -> Tensor:
+    return _ops().warp(image, list(chain), [int(s) for s in shape])
+
+
+def gradicon_loss(chain_ab, chain_ba, shape, stride, noise, seed, delta, noise_scale) -> Tensor:
+    return _ops().gradicon_loss(list(chain_ab), list(chain_ba), [int(s) for s in shape], int(stride), noise,
+                                int(seed), float(delta), float(noise_scale))
+
+
+def icon_loss(chain_ab, chain_ba, shape, noise, seed, noise_scale) -> Tensor:
+    return _ops().icon_loss(list(chain_ab), list(chain_ba), [int(s) for s in shape], noise, int(seed),
+                            float(noise_scale))
+
+
+def gradicon_analytic_loss(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale) -> Tensor:
+    """One direction of the analytic GradICON penalty: not implemented by the Triton backend yet."""
+    raise NotImplementedError("gradicon_analytic_loss has no Triton kernel yet; use backend='cpu', 'cuda' or "
+                              "'torch' for mode='analytic'")

@@ -1,0 +1,56 @@
+"""The points a penalty (GradICON, ICON) is evaluated at, computed per point from its flat index:
+``id[..., ::stride, ...] + noise_scale * noise`` (SPEC §2), the counterpart of
+``csrc/penalty_points.h``.
+
+The noise is either read from a (1, d, *counts) tensor or drawn in the kernel: point p takes the
+first d of the four normal numbers ``tl.randn4x(seed, p)`` (Philox keyed by the seed, counter =
+the flat point index, shared by the batch), which is what ``gradicon_fast.ops.normal_noise``
+materialises; the backward kernels draw the same numbers again instead of storing them.
+
+Float scalars (``noise_scale``, ``delta``) reach the kernels as the bits of a float64 (an int
+argument) so that float64 kernels see them unrounded; ``scalar_from_bits`` rounds them once to
+the compute type, as PyTorch rounds a Python scalar to the tensor's dtype.
+"""
+
+import struct
+
+import triton
+import triton.language as tl
+
+from .sampling import grid_coordinate
+
+
+def float_bits(value: float) -> int:
+    """The bits of ``value`` as a float64, as a signed 64-bit int (a kernel argument)."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+@triton.jit
+def scalar_from_bits(bits, CT: tl.constexpr):
+    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(CT)
+
+
+@triton.jit
+def penalty_point(p, counts, grid, stride, NOISE, n, seed, noise_scale, HAS_NOISE: tl.constexpr,
+                  D: tl.constexpr, CT: tl.constexpr, mask):
+    """The penalty points of flat indices ``p`` (a D-tuple of coordinates)."""
+    if D == 3:
+        rest = p // counts[2]
+        index = (rest // counts[1], rest % counts[1], p % counts[2])
+    else:
+        index = (p // counts[1], p % counts[1])
+    if HAS_NOISE:
+        noise = ()
+        for k in tl.static_range(D):
+            noise = noise + (tl.load(NOISE + k * n + p, mask=mask, other=0.0).to(CT),)
+    else:
+        r0, r1, r2, r3 = tl.randn4x(seed, p)
+        if D == 3:
+            noise = (r0.to(CT), r1.to(CT), r2.to(CT))
+        else:
+            noise = (r0.to(CT), r1.to(CT))
+    x = ()
+    for k in tl.static_range(D):
+        scaled = noise_scale * noise[k]  # rounded before the add, as the reference does
+        x = x + (grid_coordinate(index[k] * stride, grid[k], CT) + scaled,)
+    return x
