@@ -1,0 +1,113 @@
+"""Smoke test of the benchmark harness (``python -m benchmarks``): structure, never timings."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import gradicon_fast as gf  # noqa: E402
+from benchmarks import cases as C  # noqa: E402
+from benchmarks import report, runner  # noqa: E402
+
+BACKENDS = ["torch"] + (["cpu"] if gf.backends()["cpu"] else [])
+
+
+def _positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _run(tmp_path: Path, name: str, *extra: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    rc = runner.main(["--device", "cpu", "--sizes", "tiny", "--repeat", "1", "--backends", ",".join(BACKENDS),
+                      "--output", str(out), "--quiet", *extra])
+    assert rc == 0
+    with open(out) as f:
+        return json.load(f)
+
+
+def _check_common(result: dict, ops: list[str]) -> None:
+    assert result["schema"] == runner.SCHEMA
+    assert result["device"].startswith("cpu-") and result["device"].endswith("threads")
+    env = result["environment"]
+    for key in ("torch", "cpu_model", "threads", "date", "git", "gradicon_fast_backends"):
+        assert key in env
+    assert result["config"]["backends"] == BACKENDS
+    assert [c["op"] for c in result["cases"]] == ops
+    for case in result["cases"]:
+        assert case["size"]["label"] == "tiny" and case["size"]["n"] == C.PRESETS["tiny"]
+        assert case["field_bytes"] > 0 and case["grad_bytes"] == case["field_bytes"]
+        assert case["moved_bytes_fwd_bwd"] > case["moved_bytes_fwd"] > 0
+        assert set(case["results"]) == set(BACKENDS)
+        for backend, r in case["results"].items():
+            if case["op"] == "gradicon_analytic" and backend != "torch" and r["status"] == "error":
+                assert r["error"]  # a fused backend may not offer the analytic mode yet
+                continue
+            assert r["status"] == "ok", (case["op"], backend, r.get("error"))
+            assert len(r["fwd_bwd_s"]) == 1 and len(r["fwd_s"]) == 1
+            for key in ("fwd_bwd_median_s", "fwd_median_s", "speedup_fwd_bwd", "speedup_fwd"):
+                assert _positive_finite(r[key]), (case["op"], backend, key, r[key])
+        assert case["results"]["torch"]["speedup_fwd_bwd"] == 1.0
+
+
+def test_runner_tiny_all_ops(tmp_path):
+    """Every op on the reference and the CPU kernels, one repetition, no memory probes."""
+    result = _run(tmp_path, "all", "--warmup", "0", "--no-memory", "--note", "smoke test")
+    ops = C.default_ops()
+    _check_common(result, ops)
+    assert result["config"]["note"] == "smoke test"
+    assert result["copy_bandwidth"] is None  # CPU run
+    for case in result["cases"]:
+        for r in case["results"].values():
+            assert r["memory"] is None and r["bandwidth"] is None
+
+    table = report.console_table(result)
+    assert all(op in table for op in ops)
+    section = report.markdown(report.load([tmp_path / "all.json"]))
+    assert section.count("\n| ") >= len(ops) * len(BACKENDS) + 1
+    md = tmp_path / "BENCH.md"
+    md.write_text(f"# title\n\nbefore\n\n{report.BEGIN}\nold table\n{report.END}\n\nafter\n")
+    report.update_markdown(md, section)
+    text = md.read_text()
+    assert "old table" not in text and "before" in text and "after" in text and "gradicon_sparse" in text
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
+def test_runner_memory_probe(tmp_path):
+    """The peak-RSS probe runs in a subprocess per backend and reports the extra memory."""
+    result = _run(tmp_path, "memory", "--warmup", "1", "--ops", "gradicon_sparse")
+    _check_common(result, ["gradicon_sparse"])
+    for backend, r in result["cases"][0]["results"].items():
+        mem = r["memory"]
+        assert mem["method"] == "cpu-peak-rss"
+        assert mem["supported"], mem
+        assert mem["peak_bytes"] >= mem["baseline_bytes"] > 0
+        assert mem["returned_grad_bytes"] == mem["grad_bytes"] == result["cases"][0]["grad_bytes"]
+        assert math.isfinite(mem["extra_fraction"])
+
+
+def test_sizes_and_byte_counts():
+    lung = C.parse_size("lung")
+    assert lung.field_sides == (44, 88, 175, 175)
+    case = C.Case(op="gradicon_sparse", size=lung)
+    assert case.points_shape == (88, 88, 88)
+    assert C.parse_size("20").field_sides == (5, 10, 20, 20)
+    with pytest.raises(ValueError):
+        C.parse_size("huge")
+    tiny = C.Case(op="warp", size=C.parse_size("tiny"), batch=2)
+    inputs = tiny.build()
+    counts = C.byte_counts(tiny, inputs)
+    fields = sum(2 * 3 * s ** 3 * 4 for s in tiny.size.field_sides)
+    image = 2 * 12 ** 3 * 4
+    assert counts["field_bytes"] == counts["grad_bytes"] == fields
+    assert counts["output_bytes"] == image
+    assert counts["moved_bytes_fwd"] == fields + image + image
+    assert counts["moved_bytes_fwd_bwd"] == 2 * fields + 2 * image + image + image + fields
+    assert all(t.requires_grad for t in inputs.grad_inputs) and not inputs.image.requires_grad
