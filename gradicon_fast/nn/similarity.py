@@ -1,0 +1,103 @@
+"""Image similarity losses (SPEC §3): LNCC(σ), squared LNCC, MSE. Lower is better; all are scalars.
+
+``G∗`` is a separable Gaussian blur: 1-D taps at ``x = -(k-1)/2 … (k-1)/2``, ``k = 4σ + 1``,
+weights ``exp(-x²/2σ²)`` normalised to sum 1, applied as a depthwise convolution along every
+spatial axis with zero padding and "same" output size. Computed in float32 whatever the input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+LNCC_EPS = 1e-5
+
+
+def gaussian_taps(sigma: int, *, dtype=torch.float32, device=None) -> Tensor:
+    """The normalised 1-D Gaussian taps of LNCC(σ): ``4σ + 1`` of them."""
+    if int(sigma) != sigma or sigma < 1:
+        raise ValueError(f"sigma must be a positive integer, got {sigma!r}")
+    k = 4 * int(sigma) + 1
+    x = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    w = torch.exp(-x ** 2 / (2 * float(sigma) ** 2))
+    return (w / w.sum()).to(dtype=dtype, device=device)
+
+
+def gaussian_blur(x: Tensor, sigma: int) -> Tensor:
+    """``G∗x``: separable depthwise Gaussian convolution of (B, C, *S) along each spatial axis, same size."""
+    d = x.ndim - 2
+    if d not in (2, 3):
+        raise ValueError(f"gaussian_blur expects (B, C, *spatial) with 2 or 3 spatial axes, got {tuple(x.shape)}")
+    taps = gaussian_taps(sigma, dtype=x.dtype, device=x.device)
+    k = taps.numel()
+    channels = x.shape[1]
+    conv = F.conv2d if d == 2 else F.conv3d
+    for axis in range(d):
+        kshape = [1] * d
+        kshape[axis] = k
+        weight = taps.reshape(1, 1, *kshape).expand(channels, 1, *kshape)
+        padding = [0] * d
+        padding[axis] = (k - 1) // 2
+        x = conv(x, weight, padding=tuple(padding), groups=channels)
+    return x
+
+
+def lncc(image_I: Tensor, image_J: Tensor, sigma: int = 5) -> Tensor:
+    """The local normalised cross-correlation map (B, C, *S) of SPEC §3."""
+    if image_I.shape != image_J.shape:
+        raise ValueError(f"similarity: images must have the same shape, got {tuple(image_I.shape)} and "
+                         f"{tuple(image_J.shape)}")
+    I = image_I.float()
+    J = image_J.float()
+    c = I.shape[1]
+    blurred = gaussian_blur(torch.cat([I, J, I * I, J * J, I * J], dim=1), sigma)
+    mu_I, mu_J, I2, J2, IJ = blurred.split(c, dim=1)
+    var_I = torch.relu(I2 - mu_I * mu_I) + LNCC_EPS
+    var_J = torch.relu(J2 - mu_J * mu_J) + LNCC_EPS
+    return (IJ - mu_I * mu_J) / torch.sqrt(var_I * var_J)
+
+
+def lncc_loss(image_I: Tensor, image_J: Tensor, sigma: int = 5) -> Tensor:
+    """``1 - mean(lncc)``."""
+    return 1 - lncc(image_I, image_J, sigma).mean()
+
+
+def squared_lncc_loss(image_I: Tensor, image_J: Tensor, sigma: int = 5) -> Tensor:
+    """``1 - mean(lncc²)``."""
+    return 1 - (lncc(image_I, image_J, sigma) ** 2).mean()
+
+
+def mse_loss(image_I: Tensor, image_J: Tensor) -> Tensor:
+    """``mean((I - J)²)``."""
+    if image_I.shape != image_J.shape:
+        raise ValueError(f"similarity: images must have the same shape, got {tuple(image_I.shape)} and "
+                         f"{tuple(image_J.shape)}")
+    return ((image_I.float() - image_J.float()) ** 2).mean()
+
+
+class Similarity(nn.Module):
+    """``Similarity("lncc" | "squared_lncc" | "mse", sigma=5)``: ``forward(I, J)`` → scalar loss."""
+
+    NAMES = ("lncc", "squared_lncc", "mse")
+
+    def __init__(self, name: str = "lncc", sigma: int = 5):
+        super().__init__()
+        if name not in self.NAMES:
+            raise ValueError(f"similarity must be one of {', '.join(map(repr, self.NAMES))}, got {name!r}")
+        if name != "mse":
+            gaussian_taps(sigma)  # validates sigma
+        self.name = name
+        self.sigma = int(sigma)
+
+    def forward(self, image_I: Tensor, image_J: Tensor) -> Tensor:
+        if self.name == "lncc":
+            return lncc_loss(image_I, image_J, self.sigma)
+        if self.name == "squared_lncc":
+            return squared_lncc_loss(image_I, image_J, self.sigma)
+        return mse_loss(image_I, image_J)
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}" + ("" if self.name == "mse" else f", sigma={self.sigma}")
