@@ -13,10 +13,11 @@
 namespace gradicon_fast {
 
 // One tensor sampled by the kernels: a displacement field of a chain (channels == D), or the
-// image of a warp. Contiguous (B|1, C, *size).
-template <typename T, int D>
+// image of a warp. Contiguous (B|1, C, *size). Values are stored as S and computed with as T (S is
+// T except for half-precision fields on CUDA, computed in float); the gradient buffer is in T.
+template <typename T, int D, typename S = T>
 struct FieldRef {
-  const T* data;
+  const S* data;
   T* grad;                 // nullptr when no gradient is wanted
   int channels;
   int size[D];
@@ -25,24 +26,24 @@ struct FieldRef {
   int64_t batch_stride;    // elements per batch entry; 0 when the tensor broadcasts over the batch
 };
 
-template <typename T, int D>
+template <typename T, int D, typename S = T>
 struct ChainRef {
-  FieldRef<T, D> field[kMaxComposed];  // outermost first: field[count - 1] is applied first
+  FieldRef<T, D, S> field[kMaxComposed];  // outermost first: field[count - 1] is applied first
   int count;
 };
 
-template <typename T, int D>
-GF_HD Cell<T, D> locate_in(const FieldRef<T, D>& f, const T* x) {
+template <typename T, int D, typename S>
+GF_HD Cell<T, D> locate_in(const FieldRef<T, D, S>& f, const T* x) {
   return locate_cell<T, D>(x, f.size, f.stride);
 }
 
 // y[e] ← φ(y[e]) for E points of batch entry b. If stash is not null, stash[j][e] receives the
 // position field j was sampled at.
-template <typename T, int D, int E>
-GF_HD void chain_forward(const ChainRef<T, D>& chain, int64_t b, T (&y)[E][D], T (*stash)[E][D]) {
+template <typename T, int D, int E, typename S>
+GF_HD void chain_forward(const ChainRef<T, D, S>& chain, int64_t b, T (&y)[E][D], T (*stash)[E][D]) {
   for (int j = chain.count - 1; j >= 0; --j) {
-    const FieldRef<T, D>& f = chain.field[j];
-    const T* data = f.data + b * f.batch_stride;
+    const FieldRef<T, D, S>& f = chain.field[j];
+    const S* data = f.data + b * f.batch_stride;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
       const Cell<T, D> c = locate_in(f, y[e]);
@@ -98,13 +99,23 @@ GF_HD void scatter_to_cells(T* grad, int64_t channel_stride, int channels, const
   }
 }
 
-// Reverse pass of chain_forward. a[e] holds ∂L/∂φ(x_e) on entry and ∂L/∂x_e on exit (when
-// need_point_grad). Field gradients go through add(pointer, value).
+// The gradient scatter of field `field` of a chain: the generic version adds every contribution
+// through add(pointer, value) (scatter_to_cells). An Add policy may overload scatter_field for its
+// own type (found by argument-dependent lookup), e.g. to aggregate across GPU threads.
 template <typename T, int D, int E, typename Add>
-GF_HD void chain_backward(const ChainRef<T, D>& chain, int64_t b, const T (*stash)[E][D], T (&a)[E][D],
+GF_HD void scatter_field(Add& add, int field, T* grad, int64_t channel_stride, int channels, const Cell<T, D> (&c)[E],
+                         const T* const (&a)[E]) {
+  (void)field;
+  scatter_to_cells<T, D, E>(grad, channel_stride, channels, c, a, add);
+}
+
+// Reverse pass of chain_forward. a[e] holds ∂L/∂φ(x_e) on entry and ∂L/∂x_e on exit (when
+// need_point_grad). Field gradients go through scatter_field (by default add(pointer, value)).
+template <typename T, int D, int E, typename Add, typename S>
+GF_HD void chain_backward(const ChainRef<T, D, S>& chain, int64_t b, const T (*stash)[E][D], T (&a)[E][D],
                           bool need_point_grad, Add& add) {
   for (int j = 0; j < chain.count; ++j) {
-    const FieldRef<T, D>& f = chain.field[j];
+    const FieldRef<T, D, S>& f = chain.field[j];
     Cell<T, D> c[E];
 #pragma unroll
     for (int e = 0; e < E; ++e) c[e] = locate_in(f, stash[j][e]);
@@ -112,10 +123,10 @@ GF_HD void chain_backward(const ChainRef<T, D>& chain, int64_t b, const T (*stas
       const T* adjoint[E];
 #pragma unroll
       for (int e = 0; e < E; ++e) adjoint[e] = a[e];
-      scatter_to_cells<T, D, E>(f.grad + b * f.batch_stride, f.channel_stride, D, c, adjoint, add);
+      scatter_field<T, D, E>(add, j, f.grad + b * f.batch_stride, f.channel_stride, D, c, adjoint);
     }
     if (j == chain.count - 1 && !need_point_grad) break;
-    const T* data = f.data + b * f.batch_stride;
+    const S* data = f.data + b * f.batch_stride;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
       // y_{j+1} = y_j + s(y_j): ∂L/∂y_j = ā + J_s(y_j)ᵀ ā.

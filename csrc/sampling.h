@@ -51,6 +51,13 @@ GF_HD T lerp(T a, T b, T t) {
   return a + t * (b - a);
 }
 
+// Element i of a tensor stored as S, read as the compute type T: the identity when S is T (float
+// and double), a widening conversion for half-precision storage (CUDA kernels).
+template <typename T, typename S>
+GF_HD T load_as(const S* p, int64_t i) {
+  return static_cast<T>(p[i]);
+}
+
 // A point located in a D-dimensional grid: one AxisPos per axis and the flat offset of the
 // lower corner.
 template <typename T, int D>
@@ -79,43 +86,45 @@ GF_HD bool same_cell(const Cell<T, D>& a, const Cell<T, D>& b) {
   return same;
 }
 
-// Value of one channel (pointer to its first voxel) at a cell.
-template <typename T>
-GF_HD T interpolate(const T* f, const Cell<T, 2>& c) {
-  const T* p = f + c.base;
+// Value of one channel (pointer to its first voxel, stored as S) at a cell.
+template <typename T, typename S>
+GF_HD T interpolate(const S* f, const Cell<T, 2>& c) {
+  const S* p = f + c.base;
   const int64_t sy = c.ax[0].step, sx = c.ax[1].step;
   const T fx = c.ax[1].frac, fy = c.ax[0].frac;
-  return lerp(lerp(p[0], p[sx], fx), lerp(p[sy], p[sy + sx], fx), fy);
+  return lerp(lerp(load_as<T>(p, 0), load_as<T>(p, sx), fx), lerp(load_as<T>(p, sy), load_as<T>(p, sy + sx), fx), fy);
 }
 
-template <typename T>
-GF_HD T interpolate(const T* f, const Cell<T, 3>& c) {
-  const T* p = f + c.base;
+template <typename T, typename S>
+GF_HD T interpolate(const S* f, const Cell<T, 3>& c) {
+  const S* p = f + c.base;
   const int64_t sz = c.ax[0].step, sy = c.ax[1].step, sx = c.ax[2].step;
   const T fx = c.ax[2].frac, fy = c.ax[1].frac, fz = c.ax[0].frac;
-  const T c00 = lerp(p[0], p[sx], fx), c01 = lerp(p[sy], p[sy + sx], fx);
-  const T c10 = lerp(p[sz], p[sz + sx], fx), c11 = lerp(p[sz + sy], p[sz + sy + sx], fx);
+  const T c00 = lerp(load_as<T>(p, 0), load_as<T>(p, sx), fx), c01 = lerp(load_as<T>(p, sy), load_as<T>(p, sy + sx), fx);
+  const T c10 = lerp(load_as<T>(p, sz), load_as<T>(p, sz + sx), fx);
+  const T c11 = lerp(load_as<T>(p, sz + sy), load_as<T>(p, sz + sy + sx), fx);
   return lerp(lerp(c00, c01, fy), lerp(c10, c11, fy), fz);
 }
 
 // Gradient of one channel with respect to the coordinates x (not the index p): grad[k] = ∂f/∂x_k.
-template <typename T>
-GF_HD void interpolate_gradient(const T* f, const Cell<T, 2>& c, T* grad) {
-  const T* p = f + c.base;
+template <typename T, typename S>
+GF_HD void interpolate_gradient(const S* f, const Cell<T, 2>& c, T* grad) {
+  const S* p = f + c.base;
   const int64_t sy = c.ax[0].step, sx = c.ax[1].step;
   const T fx = c.ax[1].frac, fy = c.ax[0].frac;
-  const T v00 = p[0], v01 = p[sx], v10 = p[sy], v11 = p[sy + sx];
+  const T v00 = load_as<T>(p, 0), v01 = load_as<T>(p, sx), v10 = load_as<T>(p, sy), v11 = load_as<T>(p, sy + sx);
   grad[0] = (lerp(v10, v11, fx) - lerp(v00, v01, fx)) * c.ax[0].dpdx;
   grad[1] = lerp(v01 - v00, v11 - v10, fy) * c.ax[1].dpdx;
 }
 
-template <typename T>
-GF_HD void interpolate_gradient(const T* f, const Cell<T, 3>& c, T* grad) {
-  const T* p = f + c.base;
+template <typename T, typename S>
+GF_HD void interpolate_gradient(const S* f, const Cell<T, 3>& c, T* grad) {
+  const S* p = f + c.base;
   const int64_t sz = c.ax[0].step, sy = c.ax[1].step, sx = c.ax[2].step;
   const T fx = c.ax[2].frac, fy = c.ax[1].frac, fz = c.ax[0].frac;
-  const T v000 = p[0], v001 = p[sx], v010 = p[sy], v011 = p[sy + sx];
-  const T v100 = p[sz], v101 = p[sz + sx], v110 = p[sz + sy], v111 = p[sz + sy + sx];
+  const T v000 = load_as<T>(p, 0), v001 = load_as<T>(p, sx), v010 = load_as<T>(p, sy), v011 = load_as<T>(p, sy + sx);
+  const T v100 = load_as<T>(p, sz), v101 = load_as<T>(p, sz + sx), v110 = load_as<T>(p, sz + sy);
+  const T v111 = load_as<T>(p, sz + sy + sx);
   const T c00 = lerp(v000, v001, fx), c01 = lerp(v010, v011, fx);
   const T c10 = lerp(v100, v101, fx), c11 = lerp(v110, v111, fx);
   grad[0] = (lerp(c10, c11, fy) - lerp(c00, c01, fy)) * c.ax[0].dpdx;
