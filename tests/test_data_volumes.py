@@ -87,7 +87,7 @@ def _make_folder(tmp_path):
 
 
 def test_volume_pair_dataset(tmp_path):
-    names = _make_folder(tmp_path)
+    _make_folder(tmp_path)
     assert default_subject(tmp_path / "case01_insp.nii.gz") == "case01"
     intra = VolumePairDataset(tmp_path, (8, 8, 8), preset="lung_ct", pairs="intra", masks=tmp_path / "masks",
                               labels=tmp_path / "labels", cache=True)

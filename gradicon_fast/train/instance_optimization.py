@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from ..nn import GradICON, RegistrationResult
+from ..nn import GradICON
 
 
 def instance_optimize(model: GradICON, image_A: torch.Tensor, image_B: torch.Tensor, *, steps: int = 50,
