@@ -125,14 +125,15 @@ def gradicon_loss(chain_AB: Sequence[Tensor], chain_BA: Sequence[Tensor], *, sha
     ``noise`` (1, d, *points_shape), when given, is the standard-normal perturbation (scaled by
     ``noise_scale``, default ``stride / shape[-1]``); otherwise it is drawn from ``generator``.
     ``symmetric`` adds the φ_BA∘φ_AB term. ``mode="fd"`` is the published finite-difference
-    penalty.
+    penalty (step ``delta``); ``mode="analytic"`` uses the exact chain-rule Jacobian J of the
+    piecewise (tri)linear maps instead, ``Σ ‖J - I‖_F² / (B·d·N)`` (``delta`` is not used).
     """
     d, batch = V.check_pair(chain_AB, chain_BA)
     shape = V.check_shape("shape", shape, d)
     stride = V.check_stride(stride)
     delta = V.check_positive("delta", delta)
-    if mode != "fd":
-        raise ValueError(f"mode must be 'fd', got {mode!r}")
+    if mode not in ("fd", "analytic"):
+        raise ValueError(f"mode must be 'fd' or 'analytic', got {mode!r}")
     points_shape = _ref.loss_points_shape(shape, stride)
     V.check_noise(noise, d, points_shape, chain_AB[0])
     noise_scale = stride / shape[-1] if noise_scale is None else float(noise_scale)
@@ -140,6 +141,15 @@ def gradicon_loss(chain_AB: Sequence[Tensor], chain_BA: Sequence[Tensor], *, sha
         raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
     name = _backends.resolve(backend, chain_AB[0].device)
     noise, seed = _penalty_noise(noise, generator, d, points_shape, chain_AB[0], name)
+    if mode == "analytic":
+        if name == "torch":
+            return _ref.gradicon_loss_analytic(list(chain_AB), list(chain_BA), shape=shape, stride=stride,
+                                               noise=noise, noise_scale=noise_scale, symmetric=symmetric)
+        impl = _impl(name)
+        loss = impl.gradicon_analytic_loss(chain_AB, chain_BA, shape, stride, noise, seed, noise_scale)
+        if symmetric:
+            loss = loss + impl.gradicon_analytic_loss(chain_BA, chain_AB, shape, stride, noise, seed, noise_scale)
+        return loss
     if name == "torch":
         return _ref.gradicon_loss(list(chain_AB), list(chain_BA), shape=shape, stride=stride, noise=noise,
                                   delta=delta, noise_scale=noise_scale, symmetric=symmetric)

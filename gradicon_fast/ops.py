@@ -157,6 +157,35 @@ def _register() -> None:
 
     torch.library.register_autograd(lib + "icon_loss", _backward_icon, setup_context=_setup_icon)
 
+    # ---- analytic GradICON (fake kernels and autograd, as for gradicon_loss) ------------------
+    @torch.library.register_fake(lib + "gradicon_analytic_loss")
+    def _(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale):
+        return chain_ab[0].new_empty(())
+
+    @torch.library.register_fake(lib + "gradicon_analytic_loss_backward")
+    def _(grad, chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, ab_needs_grad, ba_needs_grad):
+        return _pair_grads_fake(chain_ab, chain_ba, ab_needs_grad, ba_needs_grad)
+
+    def _setup_gradicon_analytic(ctx, inputs, output):
+        chain_ab, chain_ba, shape, stride, noise, seed, noise_scale = inputs
+        ctx.n_ab, ctx.n_ba = len(chain_ab), len(chain_ba)
+        ctx.args = (list(shape), stride, seed, noise_scale)
+        ctx.has_noise = noise is not None
+        ctx.save_for_backward(*chain_ab, *chain_ba, *([noise] if noise is not None else []))
+
+    def _backward_gradicon_analytic(ctx, grad):
+        saved = ctx.saved_tensors
+        chain_ab, chain_ba = list(saved[:ctx.n_ab]), list(saved[ctx.n_ab:ctx.n_ab + ctx.n_ba])
+        noise = saved[-1] if ctx.has_noise else None
+        shape, stride, seed, noise_scale = ctx.args
+        ab_needs, ba_needs = _pair_needs(ctx, ctx.n_ab, ctx.n_ba)
+        grads_ab, grads_ba = ops.gradicon_analytic_loss_backward(grad, chain_ab, chain_ba, shape, stride, noise, seed,
+                                                                 noise_scale, ab_needs, ba_needs)
+        return (_grads_or_none(grads_ab, ab_needs), _grads_or_none(grads_ba, ba_needs), None, None, None, None, None)
+
+    torch.library.register_autograd(lib + "gradicon_analytic_loss", _backward_gradicon_analytic,
+                                    setup_context=_setup_gradicon_analytic)
+
 
 _register()
 
@@ -188,3 +217,9 @@ def gradicon_loss(chain_ab, chain_ba, shape, stride, noise, seed, delta, noise_s
 def icon_loss(chain_ab, chain_ba, shape, noise, seed, noise_scale) -> Tensor:
     return torch.ops.gradicon_fast.icon_loss(list(chain_ab), list(chain_ba), list(shape), noise, int(seed),
                                              float(noise_scale))
+
+
+def gradicon_analytic_loss(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale) -> Tensor:
+    """One direction of the analytic GradICON penalty: ‖J - I‖_F² of φ_ab∘φ_ba, mean over B·d·N."""
+    return torch.ops.gradicon_fast.gradicon_analytic_loss(list(chain_ab), list(chain_ba), list(shape), int(stride),
+                                                          noise, int(seed), float(noise_scale))

@@ -1,0 +1,132 @@
+// Analytic GradICON penalty on the CPU (SPEC §2): ‖J - I‖_F² with the exact chain-rule Jacobian
+// J of φ_AB∘φ_BA at the penalty's points. One pass over the points for the loss, one for the
+// gradients (recomputing the forward per point), nothing stored in between but the seed.
+#include <torch/library.h>
+
+#include "../gradicon_analytic_point.h"
+#include "../op_checks.h"
+#include "../penalty_args.h"
+#include "cpu_common.h"
+
+namespace gradicon_fast::cpu {
+namespace {
+
+template <typename T, int D>
+double forward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch) {
+  const double sum = deterministic_sum(pts.num_points, [&](int64_t p) {
+    T x[D];
+    penalty_point(pts, p, x);
+    double s = 0.0;
+    for (int64_t b = 0; b < batch; ++b) {
+      T y[D], dev[D][D];
+      for (int k = 0; k < D; ++k) y[k] = x[k];
+      jacobian_forward<T, D>(chain, b, y, dev, nullptr, nullptr);
+      s += squared_deviation(dev);
+    }
+    return s;
+  });
+  return sum / static_cast<double>(batch * D * pts.num_points);
+}
+
+template <typename T, int D>
+void backward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch, T grad_loss) {
+  const int64_t n = pts.num_points;
+  const T scale = T(2) * grad_loss / static_cast<T>(batch * D * n);
+  std::vector<int64_t> rows;
+  for (int j = 0; j < chain.count; ++j) rows.push_back(gradient_rows(chain.field[j], batch));
+  PlainAdd add;
+  for_each_point_owning_rows(batch * n, rows, [&](int64_t q, const RowRange* own) {
+    const int64_t b = q / n, p = q % n;
+    T y[D], dev[D][D];
+    penalty_point(pts, p, y);
+    T stash_pos[kMaxComposed][D], stash_dev[kMaxComposed][D][D];
+    jacobian_forward<T, D>(chain, b, y, dev, stash_pos, stash_dev);
+    // Each field's writes touch the cell of y_j only (gradient target j is field j).
+    for (int j = 0; j < chain.count; ++j) {
+      if (chain.field[j].grad && !touches_only(chain.field[j], b, stash_pos[j][0], own[j])) return false;
+    }
+    for (int i = 0; i < D; ++i)
+      for (int k = 0; k < D; ++k) dev[i][k] *= scale;
+    jacobian_backward<T, D>(chain, b, stash_pos, stash_dev, dev, add);
+    return true;
+  });
+}
+
+struct Args {
+  std::vector<at::Tensor> fields;  // φ_AB's fields then φ_BA's
+  int64_t d, batch;
+  std::vector<int64_t> count;
+  at::Tensor noise;
+};
+
+Args prepare(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
+             const c10::optional<at::Tensor>& noise, double noise_scale) {
+  Args args;
+  args.batch = 1;
+  args.d = check_chain("chain_AB", chain_ab, args.batch);
+  TORCH_CHECK(check_chain("chain_BA", chain_ba, args.batch) == args.d, "chain_AB and chain_BA must both be 2D or 3D");
+  check_like("chain_BA[0]", chain_ba[0], "chain_AB[0]", chain_ab[0]);
+  args.count = check_penalty(args.d, shape, stride, noise, chain_ab[0]);
+  TORCH_CHECK(noise_scale >= 0, "noise_scale must be >= 0, got ", noise_scale);
+  args.fields = concatenated(contiguous_all(chain_ab), contiguous_all(chain_ba));
+  if (noise.has_value()) args.noise = noise->contiguous();
+  return args;
+}
+
+at::Tensor gradicon_analytic_loss_cpu(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
+                                      int64_t stride, const c10::optional<at::Tensor>& noise, int64_t seed,
+                                      double noise_scale) {
+  const Args args = prepare(chain_ab, chain_ba, shape, stride, noise, noise_scale);
+  const std::vector<at::Tensor> no_grads(args.fields.size());
+  double loss = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "gradicon_analytic_loss_cpu", [&] {
+    if (args.d == 2) {
+      loss = forward_kernel<scalar_t, 2>(
+          chain_ref<scalar_t, 2>(args.fields, no_grads, args.batch),
+          penalty_points_from<scalar_t, 2>(shape, stride, args.count, args.noise, seed, noise_scale), args.batch);
+    } else {
+      loss = forward_kernel<scalar_t, 3>(
+          chain_ref<scalar_t, 3>(args.fields, no_grads, args.batch),
+          penalty_points_from<scalar_t, 3>(shape, stride, args.count, args.noise, seed, noise_scale), args.batch);
+    }
+  });
+  return at::scalar_tensor(loss, chain_ab[0].options());
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> gradicon_analytic_loss_backward_cpu(
+    const at::Tensor& grad, at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
+    const c10::optional<at::Tensor>& noise, int64_t seed, double noise_scale, const c10::List<bool>& ab_needs_grad,
+    const c10::List<bool>& ba_needs_grad) {
+  const Args args = prepare(chain_ab, chain_ba, shape, stride, noise, noise_scale);
+  check_mask(ab_needs_grad, chain_ab.size(), "ab_needs_grad");
+  check_mask(ba_needs_grad, chain_ba.size(), "ba_needs_grad");
+  c10::List<bool> mask = ab_needs_grad.copy();
+  for (bool m : ba_needs_grad) mask.push_back(m);
+  const auto grads = gradient_buffers(args.fields, mask);
+  AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "gradicon_analytic_loss_backward_cpu", [&] {
+    const scalar_t grad_loss = grad.item<scalar_t>();
+    if (args.d == 2) {
+      backward_kernel<scalar_t, 2>(
+          chain_ref<scalar_t, 2>(args.fields, grads, args.batch),
+          penalty_points_from<scalar_t, 2>(shape, stride, args.count, args.noise, seed, noise_scale), args.batch,
+          grad_loss);
+    } else {
+      backward_kernel<scalar_t, 3>(
+          chain_ref<scalar_t, 3>(args.fields, grads, args.batch),
+          penalty_points_from<scalar_t, 3>(shape, stride, args.count, args.noise, seed, noise_scale), args.batch,
+          grad_loss);
+    }
+  });
+  const auto out = returned_gradients(grads, chain_ab[0]);
+  return {std::vector<at::Tensor>(out.begin(), out.begin() + chain_ab.size()),
+          std::vector<at::Tensor>(out.begin() + chain_ab.size(), out.end())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) {
+  m.impl("gradicon_analytic_loss", &gradicon_analytic_loss_cpu);
+  m.impl("gradicon_analytic_loss_backward", &gradicon_analytic_loss_backward_cpu);
+}
+
+}  // namespace gradicon_fast::cpu
