@@ -248,7 +248,7 @@ class Trainer:
         over all ranks' micro-batches (as floats)."""
         cfg, env = self.config, self.dist
         step = self.step + 1
-        self.model.train()
+        (self.ddp if self.ddp is not None else self.model).train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(len(TERMS), dtype=torch.float64, device=self.device)
         for k, batch in enumerate(batches):
