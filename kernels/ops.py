@@ -26,7 +26,7 @@ from .icon import icon_backward, icon_forward
 from .noise import normal_noise_kernel
 from .penalty_points import float_bits
 from .transform_points import transform_points_backward, transform_points_forward
-from .tuning import BLOCK, NUM_WARPS, TILE
+from .tuning import BLOCK, NUM_WARPS, TILE, interpreted
 from .warp import warp_backward, warp_forward
 
 Tensor = torch.Tensor
@@ -35,6 +35,23 @@ NAMESPACE = "gradicon_fast_triton"
 MAX_CHAIN = MAX_FIELDS // 2
 
 _wrap = getattr(torch.library, "wrap_triton", None) or (lambda kernel: kernel)
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, traceable by torch.compile through wrap_triton.
+
+    wrap_triton leaves interpreted kernels (``TRITON_INTERPRET=1``) unwrapped, so under fake
+    tensors (shape propagation) there is nothing to launch: the output shapes are all we need.
+    """
+    if interpreted() and any(isinstance(a, torch.Tensor) and _is_fake(a) for a in args):
+        return
+    _wrap(kernel)[grid](*args, **kwargs)
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t) or t.device.type == "meta"
 
 
 # ---- argument plumbing --------------------------------------------------------------------------
@@ -123,7 +140,7 @@ def _transform_points(chain: list[Tensor], points: Tensor) -> Tensor:
     if n == 0:
         return out
     slots, batched = slot_args(fields, [None] * len(fields), batch)
-    _wrap(transform_points_forward)[lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch)](
+    _launch(transform_points_forward, lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch),
         x, out, x, x, n, *slots, NF=len(fields), BATCHED=batched, GMASK=0, STOP=-1,
         X_BATCHED=x.shape[0] != 1, BACKWARD=False, POINT_GRAD=False, **_common(d, x.dtype, is_big(x, out, *fields)))
     return out
@@ -144,7 +161,7 @@ def _transform_points_backward(grad: Tensor, chain: list[Tensor], points: Tensor
     stop = stop_index(list(chain_needs_grad), points_needs_grad)
     if stop >= 0 and n > 0:
         slots, batched = slot_args(fields, buffers, batch)
-        _wrap(transform_points_backward)[(triton.cdiv(n, BLOCK), batch)](
+        _launch(transform_points_backward, (triton.cdiv(n, BLOCK), batch),
             x, x, grad, grad_x if grad_x is not None else x, n, *slots, NF=len(fields), BATCHED=batched,
             GMASK=grad_mask(chain_needs_grad), STOP=stop, X_BATCHED=x.shape[0] != 1, BACKWARD=True,
             POINT_GRAD=points_needs_grad, **_common(d, x.dtype, is_big(x, grad, *fields)),
@@ -175,7 +192,7 @@ def _warp(image: Tensor, chain: list[Tensor], shape: list[int]) -> Tensor:
     out = img.new_empty(out_shape)
     n = math.prod(shape)
     slots, batched = slot_args(fields, [None] * len(fields), batch)
-    _wrap(warp_forward)[lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch)](
+    _launch(warp_forward, lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch),
         img, out, img, img, img.shape[1], n, *_padded(img.shape[2:]), *_padded(shape), *slots, NF=len(fields),
         BATCHED=batched, GMASK=0, STOP=-1, IMG_BATCHED=img.shape[0] != 1, BACKWARD=False, IMAGE_GRAD=False,
         **_common(d, img.dtype, is_big(img, out, *fields)))
@@ -195,7 +212,7 @@ def _warp_backward(grad: Tensor, image: Tensor, chain: list[Tensor], shape: list
     stop = stop_index(list(chain_needs_grad), False)
     if stop >= 0 or image_needs_grad:
         slots, batched = slot_args(fields, buffers, batch)
-        _wrap(warp_backward)[(triton.cdiv(n, BLOCK), batch)](
+        _launch(warp_backward, (triton.cdiv(n, BLOCK), batch),
             img, img, grad, grad_img if grad_img is not None else img, img.shape[1], n, *_padded(img.shape[2:]),
             *_padded(shape), *slots, NF=len(fields), BATCHED=batched, GMASK=grad_mask(chain_needs_grad), STOP=stop,
             IMG_BATCHED=img.shape[0] != 1, BACKWARD=True, IMAGE_GRAD=image_needs_grad,
@@ -223,7 +240,7 @@ def _gradicon_launch(kernel, grid, fields, buffers, batch, d, shape, stride, noi
     n = math.prod(counts)
     noise_arg, has_noise = _noise_arg(noise, d, counts, fields[0])
     slots, batched = slot_args(fields, buffers, batch)
-    _wrap(kernel)[grid(n)](
+    _launch(kernel, grid(n),
         noise_arg, partial, grad_loss, n, *_padded(shape), *_padded(counts), int(stride), int(seed),
         float_bits(noise_scale), float_bits(delta), batch * d * n, *slots, NF=len(fields), BATCHED=batched,
         GMASK=gmask, STOP=stop, HAS_NOISE=has_noise, BACKWARD=backward,
@@ -262,7 +279,7 @@ def _icon_launch(kernel, grid, fields, buffers, n_ab, batch, d, shape, noise, se
     n = math.prod(counts)
     noise_arg, has_noise = _noise_arg(noise, d, counts, fields[0])
     slots, batched = slot_args(fields, buffers, batch)
-    _wrap(kernel)[grid(n)](
+    _launch(kernel, grid(n),
         noise_arg, partial, grad_loss, n, *_padded(shape), int(seed), float_bits(noise_scale), batch * d * n,
         *slots, NF=len(fields), NA=n_ab, BATCHED=batched, GMASK=gmask, STOP_AB=stop_ab, STOP_BA=stop_ba,
         HAS_NOISE=has_noise, BACKWARD=backward, **_common(d, fields[0].dtype, is_big(noise_arg, *fields)),
@@ -299,7 +316,7 @@ def _normal_noise(seed: int, d: int, points_shape: list[int], dtype: torch.dtype
     out = torch.empty((1, d, *points_shape), dtype=dtype, device=device)
     n = math.prod(points_shape)
     if n:
-        _wrap(normal_noise_kernel)[(triton.cdiv(n, BLOCK),)](out, n, int(seed), D=d, BIG=is_big(out), BLOCK=BLOCK,
+        _launch(normal_noise_kernel, (triton.cdiv(n, BLOCK),), out, n, int(seed), D=d, BIG=is_big(out), BLOCK=BLOCK,
                                                              num_warps=NUM_WARPS)
     return out
 
