@@ -51,6 +51,11 @@ def _mb(memory: dict | None) -> tuple[str, str]:
     return mb_text, "-" if frac is None else f"{frac:.2f}"
 
 
+def _size_mb(nbytes: int) -> str:
+    mb = nbytes / (1024 * 1024)
+    return f"{mb:,.0f}" if mb >= 100 else f"{mb:.2g}" if mb < 1 else f"{mb:.1f}"
+
+
 def _gbps(bw: dict | None) -> tuple[str, str]:
     if not bw or bw.get("fwd_bwd_gb_per_s") is None:
         return "-", "-"
@@ -62,7 +67,7 @@ def rows(result: dict) -> tuple[list[str], list[list[str]], list[str]]:
     """(header, rows, notes) of one run."""
     gpu = result["environment"]["device"] == "cuda"
     header = ["op", "size", "batch", "backend", "fwd+bwd ms", "fwd ms", "speed-up fwd+bwd", "speed-up fwd",
-              "extra MB", "extra / (fields+grads)"]
+              "fields+grads MB", "extra MB", "extra / (fields+grads)"]
     if gpu:
         header += ["GB/s fwd+bwd", "of copy BW"]
     table, notes = [], []
@@ -74,7 +79,8 @@ def rows(result: dict) -> tuple[list[str], list[list[str]], list[str]]:
             mem_mb, mem_frac = _mb(r.get("memory"))
             row = [case["op"], f"{case['size']['label']} ({case['size']['n']})", str(case["batch"]), backend,
                    _ms(r["fwd_bwd_median_s"]), _ms(r["fwd_median_s"]), _ratio(r.get("speedup_fwd_bwd")),
-                   _ratio(r.get("speedup_fwd")), mem_mb, mem_frac]
+                   _ratio(r.get("speedup_fwd")), _size_mb(case["field_bytes"] + case["grad_bytes"]), mem_mb,
+                   mem_frac]
             if gpu:
                 row += list(_gbps(r.get("bandwidth")))
             table.append(row)
@@ -122,8 +128,12 @@ def markdown_section(result: dict) -> str:
     title = f"### {result['device']}"
     if cfg.get("note"):
         title += f" ({cfg['note']})"
+    def per_size(values: dict | None) -> str:
+        return ", ".join(f"{k} {v}" for k, v in (values or {}).items()) or "?"
+
     lines = [title, "", _environment_line(result) + ".",
-             f"Repetitions per backend: {cfg.get('repeat_by_size')}, warm-up {cfg.get('warmup_by_size')}; "
+             f"Timed repetitions per backend: {per_size(cfg.get('repeat_by_size'))}; warm-up runs: "
+             f"{per_size(cfg.get('warmup_by_size'))}; "
              f"noise: {'explicit tensor' if cfg.get('explicit_noise') else 'drawn per call (generator)'}; "
              f"field amplitude {cfg.get('amplitude')}."]
     copy = result.get("copy_bandwidth")
@@ -145,11 +155,19 @@ def markdown(results: list[dict]) -> str:
     return "\n\n".join(markdown_section(r) for r in results)
 
 
+def is_result(data) -> bool:
+    """Whether a JSON document is a results file of this harness (others share benchmarks/results/)."""
+    return isinstance(data, dict) and "schema" in data and "cases" in data and "environment" in data
+
+
 def load(paths: list[Path]) -> list[dict]:
+    """The harness results among ``paths``; other JSON files (other tools' outputs) are skipped."""
     out = []
     for path in paths:
         with open(path) as f:
-            out.append(json.load(f))
+            data = json.load(f)
+        if is_result(data):
+            out.append(data)
     return out
 
 

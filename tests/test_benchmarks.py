@@ -70,7 +70,10 @@ def test_runner_tiny_all_ops(tmp_path):
 
     table = report.console_table(result)
     assert all(op in table for op in ops)
-    section = report.markdown(report.load([tmp_path / "all.json"]))
+    (tmp_path / "other_tool.json").write_text(json.dumps({"peak": 1}))  # results/ is shared with other tools
+    loaded = report.load(report.result_files(tmp_path))
+    assert [r["device"] for r in loaded] == [result["device"]]
+    section = report.markdown(loaded)
     assert section.count("\n| ") >= len(ops) * len(BACKENDS) + 1
     md = tmp_path / "BENCH.md"
     md.write_text(f"# title\n\nbefore\n\n{report.BEGIN}\nold table\n{report.END}\n\nafter\n")
@@ -111,3 +114,40 @@ def test_sizes_and_byte_counts():
     assert counts["moved_bytes_fwd"] == fields + image + image
     assert counts["moved_bytes_fwd_bwd"] == 2 * fields + 2 * image + image + image + fields
     assert all(t.requires_grad for t in inputs.grad_inputs) and not inputs.image.requires_grad
+
+
+def test_bandwidth_and_gpu_table():
+    """The GPU-only columns, from a synthetic result (the bandwidth figures need a GPU to measure)."""
+    from benchmarks import measure
+
+    bw = measure.bandwidth(moved_fwd=10**9, moved_fwd_bwd=3 * 10**9, fwd_s=0.01, fwd_bwd_s=0.02, copy_gbps=300.0)
+    assert bw["fwd_gb_per_s"] == pytest.approx(100.0) and bw["fwd_bwd_gb_per_s"] == pytest.approx(150.0)
+    assert bw["fwd_bwd_fraction_of_copy"] == pytest.approx(0.5)
+    record = {"status": "ok", "fwd_bwd_median_s": 0.02, "fwd_median_s": 0.01, "speedup_fwd_bwd": 10.0,
+              "speedup_fwd": 12.0, "bandwidth": bw,
+              "memory": {"supported": True, "extra_bytes": 2 * 1024 * 1024, "extra_fraction": 0.01}}
+    result = {"device": "nvidia-test", "config": {"note": "synthetic"}, "copy_bandwidth": {"gb_per_s": 300.0},
+              "environment": {"device": "cuda", "cuda": {"gpu_name": "Test GPU", "cuda_runtime": "12.8"},
+                              "cpu_model": "x", "threads": 1, "cpu_count": 1, "torch": "2", "date": "today"},
+              "cases": [{"op": "warp", "size": {"label": "lung", "n": 175}, "batch": 4, "field_bytes": 10 ** 8,
+                         "grad_bytes": 10 ** 8, "results": {"cuda": record}}]}
+    table = report.console_table(result)
+    assert "GB/s fwd+bwd" in table and "150" in table and "50%" in table and "300 GB/s" in table
+    assert "| warp | lung (175) | 4 | cuda |" in report.markdown_section(result)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
+def test_runner_tiny_cuda(tmp_path):
+    """On a GPU machine: the CUDA path (events, memory stats, copy bandwidth) end to end."""
+    out = tmp_path / "cuda.json"
+    assert runner.main(["--device", "cuda", "--sizes", "tiny", "--repeat", "1", "--warmup", "1",
+                        "--ops", "gradicon_sparse,warp", "--output", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["copy_bandwidth"]["gb_per_s"] > 0
+    for case in result["cases"]:
+        r = case["results"]["torch"]
+        assert r["status"] == "ok" and r["memory"]["method"] == "cuda-max-memory-allocated"
+        assert _positive_finite(r["bandwidth"]["fwd_bwd_gb_per_s"])
+        for other in case["results"].values():
+            assert other["status"] in ("ok", "error")
