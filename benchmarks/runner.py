@@ -35,12 +35,12 @@ def _csv(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Time and measure gradicon_fast's ops on every backend against the PyTorch reference.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Time and measure gradicon_fast's ops on every backend against the PyTorch reference "
+                    "(see BENCHMARKS.md).")
     p.add_argument("--ops", type=_csv, default=None,
                    help=f"comma-separated ops out of {', '.join(C.OPS)} (default: all the API supports)")
     p.add_argument("--sizes", type=_csv, default=["small"],
-                   help=f"comma-separated sizes: presets {', '.join(f'{k}={v}' for k, v in C.PRESETS.items())} "
+                   help=f"comma-separated sizes (default small): presets {', '.join(f'{k}={v}' for k, v in C.PRESETS.items())} "
                         "or integers N (chain fields at N/4, N/2, N, N cubed, loss/image grid N cubed)")
     p.add_argument("--backends", type=_csv, default=None,
                    help="comma-separated backends (default: the reference plus every fused backend available for "
@@ -50,14 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=None,
                    help="timed rounds per case (default by size: 3 tiny, 10 small, 5 medium, 3 lung)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs per backend (default by size: 1-2)")
-    p.add_argument("--batch", type=int, default=1, help="batch size of the fields (and image)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the fields (and image); default 1")
     p.add_argument("--compile", action="store_true",
                    help=f"add the reference under torch.compile as backend '{C.COMPILED}'")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
-    p.add_argument("--amplitude", type=float, default=0.03, help="peak displacement of each random field, [0,1] units")
+    p.add_argument("--amplitude", type=float, default=0.03, help="peak displacement of each random field, [0,1] units (default 0.03)")
     p.add_argument("--explicit-noise", action="store_true",
                    help="pass a pre-drawn noise tensor to the penalties instead of a generator")
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--output", type=Path, default=None,
                    help="results JSON (default: benchmarks/results/<device>.json)")
