@@ -1,0 +1,181 @@
+// ICON penalty on the GPU (SPEC §2): mean((x - φ_AB(φ_BA(x)))²) + mean((x - φ_BA(φ_AB(x)))²).
+// Forward: one thread per (batch entry, point) evaluates both compositions; per-block partial
+// sums (double) reduced in a fixed order. Backward: one launch per composition (each with its
+// own stash, so that only one is live in registers), noise regenerated from the seed.
+#include <torch/library.h>
+
+#include "../penalty_args.h"
+#include "cuda_common.cuh"
+
+namespace gradicon_fast::cuda {
+namespace {
+
+template <typename T, int D>
+__device__ __forceinline__ double squared_error(const T (&x)[D], const T (&y)[1][D]) {
+  double s = 0.0;
+#pragma unroll
+  for (int k = 0; k < D; ++k) {
+    const T e = x[k] - y[0][k];
+    s += static_cast<double>(e * e);
+  }
+  return s;
+}
+
+template <typename T, int D, typename S>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const __grid_constant__ ChainRef<T, D, S> ab_ba, const __grid_constant__ ChainRef<T, D, S> ba_ab,
+                   const __grid_constant__ PenaltyPoints<T, D> pts, int64_t batch, double* __restrict__ partial) {
+  const int64_t n = pts.num_points;
+  double sum = 0.0;
+  for (int64_t q = global_thread(); q < batch * n; q += grid_threads()) {
+    const int64_t b = q / n, p = q - b * n;
+    T x[D];
+    penalty_point(pts, p, x);
+    T y1[1][D], y2[1][D];
+#pragma unroll
+    for (int k = 0; k < D; ++k) y1[0][k] = y2[0][k] = x[k];
+    chain_forward<T, D, 1>(ab_ba, b, y1, nullptr);
+    chain_forward<T, D, 1>(ba_ab, b, y2, nullptr);
+    sum += squared_error(x, y1) + squared_error(x, y2);
+  }
+  write_block_partial(partial, sum);
+}
+
+// Reverse pass of one composition: `chain` runs the forward, `reverse` (cut after the last field
+// that needs a gradient) the reverse pass.
+template <typename T, int D, typename S>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const __grid_constant__ ChainRef<T, D, S> chain, const __grid_constant__ ChainRef<T, D, S> reverse,
+                    uint32_t aggregate, const __grid_constant__ PenaltyPoints<T, D> pts, int64_t batch,
+                    const T* __restrict__ grad_loss) {
+  const int64_t n = pts.num_points;
+  const T scale = T(2) * *grad_loss / static_cast<T>(batch * D * n);
+  AtomicAdd<T> add{aggregate};
+  for (int64_t q = global_thread(); q < batch * n; q += grid_threads()) {
+    const int64_t b = q / n, p = q - b * n;
+    T x[D];
+    penalty_point(pts, p, x);
+    T y[1][D], stash[kMaxComposed][1][D];
+#pragma unroll
+    for (int k = 0; k < D; ++k) y[0][k] = x[k];
+    chain_forward<T, D, 1>(chain, b, y, stash);
+    T a[1][D];
+#pragma unroll
+    for (int k = 0; k < D; ++k) a[0][k] = -scale * (x[k] - y[0][k]);
+    chain_backward<T, D, 1>(reverse, b, stash, a, false, add);
+  }
+}
+
+struct Args {
+  std::vector<at::Tensor> ab, ba;
+  int64_t d, batch;
+  std::vector<int64_t> count;
+  at::Tensor noise;  // contiguous, in the compute type; undefined to draw from the seed
+};
+
+Args prepare(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
+             const c10::optional<at::Tensor>& noise, double noise_scale) {
+  Args args;
+  args.batch = 1;
+  args.d = check_chain("chain_AB", chain_ab, args.batch);
+  TORCH_CHECK(check_chain("chain_BA", chain_ba, args.batch) == args.d, "chain_AB and chain_BA must both be 2D or 3D");
+  check_like("chain_BA[0]", chain_ba[0], "chain_AB[0]", chain_ab[0]);
+  check_cuda(chain_ab[0], "chain_AB[0]");
+  args.count = check_penalty(args.d, shape, 1, noise, chain_ab[0]);
+  TORCH_CHECK(noise_scale >= 0, "noise_scale must be >= 0, got ", noise_scale);
+  args.ab = contiguous_all(chain_ab);
+  args.ba = contiguous_all(chain_ba);
+  if (noise.has_value()) args.noise = noise->contiguous().to(compute_dtype(noise->scalar_type()));
+  return args;
+}
+
+int64_t num_points(const Args& args) {
+  int64_t n = 1;
+  for (int64_t c : args.count) n *= c;
+  return n;
+}
+
+at::Tensor icon_loss_cuda(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
+                          const c10::optional<at::Tensor>& noise, int64_t seed, double noise_scale) {
+  const Args args = prepare(chain_ab, chain_ba, shape, noise, noise_scale);
+  const c10::cuda::CUDAGuard guard(chain_ab[0].device());
+  const int64_t n = num_points(args);
+  const auto ab_ba = concatenated(args.ab, args.ba), ba_ab = concatenated(args.ba, args.ab);
+  const std::vector<at::Tensor> no_grads(ab_ba.size());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  return mean_of_blocks(args.batch * n, static_cast<double>(args.batch * args.d * n), chain_ab[0],
+                        [&](int blocks, double* partial) {
+    GF_CUDA_DISPATCH(chain_ab[0].scalar_type(), "icon_loss_cuda", [&] {
+      using T = compute_t<scalar_t>;
+      if (args.d == 2) {
+        forward_kernel<T, 2, scalar_t><<<blocks, kThreads, 0, stream>>>(
+            chain_ref<T, 2, scalar_t>(ab_ba, no_grads, args.batch), chain_ref<T, 2, scalar_t>(ba_ab, no_grads, args.batch),
+            penalty_points_from<T, 2>(shape, 1, args.count, args.noise, seed, noise_scale), args.batch, partial);
+      } else {
+        forward_kernel<T, 3, scalar_t><<<blocks, kThreads, 0, stream>>>(
+            chain_ref<T, 3, scalar_t>(ab_ba, no_grads, args.batch), chain_ref<T, 3, scalar_t>(ba_ab, no_grads, args.batch),
+            penalty_points_from<T, 3>(shape, 1, args.count, args.noise, seed, noise_scale), args.batch, partial);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> icon_loss_backward_cuda(
+    const at::Tensor& grad, at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
+    const c10::optional<at::Tensor>& noise, int64_t seed, double noise_scale, const c10::List<bool>& ab_needs_grad,
+    const c10::List<bool>& ba_needs_grad) {
+  const Args args = prepare(chain_ab, chain_ba, shape, noise, noise_scale);
+  check_mask(ab_needs_grad, chain_ab.size(), "ab_needs_grad");
+  check_mask(ba_needs_grad, chain_ba.size(), "ba_needs_grad");
+  check_on(grad, "grad", chain_ab[0]);
+  const c10::cuda::CUDAGuard guard(chain_ab[0].device());
+  const std::vector<bool> needs_ab = to_vector(ab_needs_grad), needs_ba = to_vector(ba_needs_grad);
+  const auto grad_ab = gradient_buffers(args.ab, needs_ab);
+  const auto grad_ba = gradient_buffers(args.ba, needs_ba);
+  const int64_t n = num_points(args);
+  const int64_t work = args.batch * n;
+  if (work > 0) {
+    const at::Tensor grad_loss = loss_gradient(grad, chain_ab[0]);
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    // The two compositions: φ_AB∘φ_BA (AB's fields outermost) and φ_BA∘φ_AB.
+    for (int direction = 0; direction < 2; ++direction) {
+      const auto& outer = direction == 0 ? args.ab : args.ba;
+      const auto& inner = direction == 0 ? args.ba : args.ab;
+      const auto fields = concatenated(outer, inner);
+      const auto grads = concatenated(direction == 0 ? grad_ab : grad_ba, direction == 0 ? grad_ba : grad_ab);
+      std::vector<bool> needs(direction == 0 ? needs_ab : needs_ba);
+      for (bool m : (direction == 0 ? needs_ba : needs_ab)) needs.push_back(m);
+      const int reverse_count = backward_count(needs, false);
+      if (reverse_count == 0) continue;
+      const uint32_t aggregate = aggregation_mask(fields, args.count.back());
+      GF_CUDA_DISPATCH(chain_ab[0].scalar_type(), "icon_loss_backward_cuda", [&] {
+        using T = compute_t<scalar_t>;
+        if (args.d == 2) {
+          backward_kernel<T, 2, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+              chain_ref<T, 2, scalar_t>(fields, grads, args.batch),
+              chain_ref<T, 2, scalar_t>(fields, grads, args.batch, reverse_count), aggregate,
+              penalty_points_from<T, 2>(shape, 1, args.count, args.noise, seed, noise_scale), args.batch,
+              grad_loss.data_ptr<T>());
+        } else {
+          backward_kernel<T, 3, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+              chain_ref<T, 3, scalar_t>(fields, grads, args.batch),
+              chain_ref<T, 3, scalar_t>(fields, grads, args.batch, reverse_count), aggregate,
+              penalty_points_from<T, 3>(shape, 1, args.count, args.noise, seed, noise_scale), args.batch,
+              grad_loss.data_ptr<T>());
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+  }
+  return {returned_gradients(grad_ab, args.ab), returned_gradients(grad_ba, args.ba)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) {
+  m.impl("icon_loss", &icon_loss_cuda);
+  m.impl("icon_loss_backward", &icon_loss_backward_cuda);
+}
+
+}  // namespace gradicon_fast::cuda

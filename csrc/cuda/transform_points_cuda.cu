@@ -1,0 +1,158 @@
+// Chain evaluation at points on the GPU: forward and reverse pass (SPEC §1). One thread per
+// (batch entry, point); the reverse pass recomputes the forward with its stash and scatters the
+// field gradients with atomics (cuda_common.cuh).
+#include <torch/library.h>
+
+#include "cuda_common.cuh"
+
+namespace gradicon_fast::cuda {
+namespace {
+
+template <typename T, int D, typename S>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const __grid_constant__ ChainRef<T, D, S> chain, const S* __restrict__ x, int64_t x_batch_stride,
+                   S* __restrict__ y, int64_t batch, int64_t n) {
+  for (int64_t q = global_thread(); q < batch * n; q += grid_threads()) {
+    const int64_t b = q / n, p = q - b * n;
+    T pos[1][D];
+#pragma unroll
+    for (int k = 0; k < D; ++k) pos[0][k] = load_as<T>(x, b * x_batch_stride + k * n + p);
+    chain_forward<T, D, 1>(chain, b, pos, nullptr);
+#pragma unroll
+    for (int k = 0; k < D; ++k) y[(b * D + k) * n + p] = store_as<S>(pos[0][k]);
+  }
+}
+
+// `chain` runs the forward; `reverse` (the same fields, cut after the last one the reverse pass
+// needs) the reverse pass. grad_x (B, D, n) in the compute type, or null.
+template <typename T, int D, typename S>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const __grid_constant__ ChainRef<T, D, S> chain, const __grid_constant__ ChainRef<T, D, S> reverse,
+                    uint32_t aggregate, const S* __restrict__ x, int64_t x_batch_stride, const S* __restrict__ grad_y,
+                    T* __restrict__ grad_x, int64_t batch, int64_t n) {
+  AtomicAdd<T> add{aggregate};
+  for (int64_t q = global_thread(); q < batch * n; q += grid_threads()) {
+    const int64_t b = q / n, p = q - b * n;
+    T pos[1][D];
+    T stash[kMaxChain][1][D];  // a chain has at most kMaxChain fields (check_chain)
+#pragma unroll
+    for (int k = 0; k < D; ++k) pos[0][k] = load_as<T>(x, b * x_batch_stride + k * n + p);
+    chain_forward<T, D, 1>(chain, b, pos, stash);
+    T a[1][D];
+#pragma unroll
+    for (int k = 0; k < D; ++k) a[0][k] = load_as<T>(grad_y, (b * D + k) * n + p);
+    chain_backward<T, D, 1>(reverse, b, stash, a, grad_x != nullptr, add);
+    if (grad_x) {
+#pragma unroll
+      for (int k = 0; k < D; ++k) grad_x[(b * D + k) * n + p] = a[0][k];
+    }
+  }
+}
+
+struct Args {
+  std::vector<at::Tensor> fields;
+  at::Tensor points;
+  int64_t d, batch, n;
+  std::vector<int64_t> full_shape;  // points' shape with the broadcast batch size
+};
+
+Args prepare(at::TensorList chain, const at::Tensor& points) {
+  Args args;
+  args.batch = 1;
+  args.d = check_chain("chain", chain, args.batch);
+  TORCH_CHECK(points.dim() >= 3 && points.size(1) == args.d, "points must be (B, ", args.d, ", *P), got ",
+              points.sizes());
+  check_like("points", points, "chain[0]", chain[0]);
+  check_cuda(chain[0], "chain[0]");
+  args.batch = merge_batch(args.batch, points.size(0), "points");
+  args.n = points.numel() / (points.size(0) * args.d);
+  args.fields = contiguous_all(chain);
+  args.points = points.contiguous();
+  args.full_shape = args.points.sizes().vec();
+  args.full_shape[0] = args.batch;
+  return args;
+}
+
+at::Tensor transform_points_cuda(at::TensorList chain, const at::Tensor& points_in) {
+  const Args args = prepare(chain, points_in);
+  const c10::cuda::CUDAGuard guard(args.points.device());
+  at::Tensor out = at::empty(args.full_shape, args.points.options());
+  const int64_t work = args.batch * args.n;
+  if (work == 0) return out;
+  const std::vector<at::Tensor> no_grads(args.fields.size());
+  const int64_t x_batch_stride = args.points.size(0) == 1 ? 0 : args.d * args.n;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  GF_CUDA_DISPATCH(args.points.scalar_type(), "transform_points_cuda", [&] {
+    using T = compute_t<scalar_t>;
+    const scalar_t* x = args.points.data_ptr<scalar_t>();
+    scalar_t* y = out.data_ptr<scalar_t>();
+    if (args.d == 2) {
+      forward_kernel<T, 2, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+          chain_ref<T, 2, scalar_t>(args.fields, no_grads, args.batch), x, x_batch_stride, y, args.batch, args.n);
+    } else {
+      forward_kernel<T, 3, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+          chain_ref<T, 3, scalar_t>(args.fields, no_grads, args.batch), x, x_batch_stride, y, args.batch, args.n);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> transform_points_backward_cuda(
+    const at::Tensor& grad_in, at::TensorList chain, const at::Tensor& points_in,
+    const c10::List<bool>& chain_needs_grad, bool points_needs_grad) {
+  const Args args = prepare(chain, points_in);
+  check_mask(chain_needs_grad, chain.size(), "chain_needs_grad");
+  check_like("grad", grad_in, "chain[0]", chain[0]);
+  const at::Tensor grad = grad_in.contiguous();
+  TORCH_CHECK(grad.sizes().vec() == args.full_shape, "grad must have shape ", at::IntArrayRef(args.full_shape),
+              ", got ", grad.sizes());
+  const c10::cuda::CUDAGuard guard(args.points.device());
+  const std::vector<bool> needs = to_vector(chain_needs_grad);
+  const auto grads = gradient_buffers(args.fields, needs);
+  at::Tensor grad_points = points_needs_grad ? at::empty(args.full_shape, args.points.options().dtype(
+                                                                               compute_dtype(args.points.scalar_type())))
+                                             : at::Tensor();
+  const int reverse_count = backward_count(needs, points_needs_grad);
+  const int64_t work = args.batch * args.n;
+  if (reverse_count > 0 && work > 0) {
+    const int64_t x_batch_stride = args.points.size(0) == 1 ? 0 : args.d * args.n;
+    const uint32_t aggregate = aggregation_mask(args.fields, args.points.size(-1));
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    GF_CUDA_DISPATCH(args.points.scalar_type(), "transform_points_backward_cuda", [&] {
+      using T = compute_t<scalar_t>;
+      const scalar_t* x = args.points.data_ptr<scalar_t>();
+      const scalar_t* gy = grad.data_ptr<scalar_t>();
+      T* gx = points_needs_grad ? grad_points.data_ptr<T>() : nullptr;
+      if (args.d == 2) {
+        backward_kernel<T, 2, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+            chain_ref<T, 2, scalar_t>(args.fields, grads, args.batch),
+            chain_ref<T, 2, scalar_t>(args.fields, grads, args.batch, reverse_count), aggregate, x, x_batch_stride, gy,
+            gx, args.batch, args.n);
+      } else {
+        backward_kernel<T, 3, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+            chain_ref<T, 3, scalar_t>(args.fields, grads, args.batch),
+            chain_ref<T, 3, scalar_t>(args.fields, grads, args.batch, reverse_count), aggregate, x, x_batch_stride, gy,
+            gx, args.batch, args.n);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else if (points_needs_grad) {
+    grad_points.zero_();  // no work: an empty (or zero-size) gradient
+  }
+  at::Tensor returned_points = no_gradient(args.points);
+  if (points_needs_grad) {
+    if (args.points.size(0) != args.batch) grad_points = grad_points.sum(0, true);
+    returned_points = as_dtype_of(grad_points, args.points);
+  }
+  return {returned_gradients(grads, args.fields), returned_points};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) {
+  m.impl("transform_points", &transform_points_cuda);
+  m.impl("transform_points_backward", &transform_points_backward_cuda);
+}
+
+}  // namespace gradicon_fast::cuda

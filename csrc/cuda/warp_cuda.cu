@@ -1,0 +1,243 @@
+// Warping an image by a chain on the GPU: warped = sample(I, φ(id)) on a chosen grid (SPEC §1).
+// One thread per (batch entry, grid point); the reverse pass recomputes φ with its stash,
+// scatters the image gradient (aggregated across the warp when the image is coarser than the
+// grid) and pulls the adjoint back through the chain (cuda_common.cuh).
+#include <torch/library.h>
+
+#include "../penalty_points.h"
+#include "cuda_common.cuh"
+
+namespace gradicon_fast::cuda {
+namespace {
+
+template <int D>
+struct Grid {
+  int size[D];
+  int64_t count;
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void grid_point(const Grid<D>& grid, int64_t p, T (&x)[1][D]) {
+  int64_t rest = p;
+#pragma unroll
+  for (int k = D - 1; k >= 0; --k) {
+    const int64_t next = rest / grid.size[k];
+    x[0][k] = grid_coordinate<T>(rest - next * grid.size[k], grid.size[k]);
+    rest = next;
+  }
+}
+
+// 0 for a finite point, NaN otherwise: added to the warped value so that a non-finite map never
+// yields a finite image (clamping alone would sample the border).
+template <typename T, int D>
+__device__ __forceinline__ T poison(const T (&y)[1][D]) {
+  T z = T(0);
+#pragma unroll
+  for (int k = 0; k < D; ++k) z += y[0][k] - y[0][k];
+  return z;
+}
+
+template <typename T, int D, typename S>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const __grid_constant__ ChainRef<T, D, S> chain, const __grid_constant__ FieldRef<T, D, S> image,
+                   Grid<D> grid, S* __restrict__ out, int64_t batch) {
+  const int64_t n = grid.count;
+  const int channels = image.channels;
+  for (int64_t q = global_thread(); q < batch * n; q += grid_threads()) {
+    const int64_t b = q / n, p = q - b * n;
+    T y[1][D];
+    grid_point(grid, p, y);
+    chain_forward<T, D, 1>(chain, b, y, nullptr);
+    const Cell<T, D> c = locate_in(image, y[0]);
+    const S* data = image.data + b * image.batch_stride;
+    const T z = poison(y);
+    for (int ch = 0; ch < channels; ++ch) {
+      out[(b * channels + ch) * n + p] = store_as<S>(interpolate<T>(data + ch * image.channel_stride, c) + z);
+    }
+  }
+}
+
+// `chain` runs the forward; `reverse` (cut after the last field that needs a gradient, count 0
+// when none does) the reverse pass. image.grad is null when the image needs no gradient.
+template <typename T, int D, typename S>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const __grid_constant__ ChainRef<T, D, S> chain, const __grid_constant__ ChainRef<T, D, S> reverse,
+                    uint32_t aggregate, const __grid_constant__ FieldRef<T, D, S> image, bool aggregate_image,
+                    Grid<D> grid, const S* __restrict__ grad_out, int64_t batch) {
+  constexpr int kCorners = 1 << D;
+  const int64_t n = grid.count;
+  const int channels = image.channels;
+  const bool chain_grad = reverse.count > 0;
+  AtomicAdd<T> add{aggregate};
+  for (int64_t q = global_thread(); q < batch * n; q += grid_threads()) {
+    const int64_t b = q / n, p = q - b * n;
+    T y[1][D];
+    T stash[kMaxChain][1][D];  // a chain has at most kMaxChain fields (check_chain)
+    grid_point(grid, p, y);
+    chain_forward<T, D, 1>(chain, b, y, chain_grad ? stash : nullptr);
+    const Cell<T, D> c = locate_in(image, y[0]);
+    const S* data = image.data + b * image.batch_stride;
+    T* grad_image = image.grad ? image.grad + b * image.batch_stride : nullptr;
+    T w[kCorners];
+    int64_t offset[kCorners];
+    corner_weights(c, w, offset);
+    // Lanes sampling the same image cell (a coarse image): one atomic per corner and channel per group.
+    unsigned mask = 0, peers = 0;
+    bool shared = false, leader = true;
+    if (grad_image && aggregate_image) {
+      mask = __activemask();
+      peers = __match_any_sync(mask, reinterpret_cast<unsigned long long>(grad_image + c.base));
+      shared = __any_sync(mask, __popc(peers) > 1);
+      leader = __ffs(peers) - 1 == static_cast<int>(lane_id());
+    }
+    T a[1][D];
+#pragma unroll
+    for (int k = 0; k < D; ++k) a[0][k] = T(0);
+    for (int ch = 0; ch < channels; ++ch) {
+      const T g = load_as<T>(grad_out, (b * channels + ch) * n + p);
+      if (grad_image) {
+        T v[kCorners];
+#pragma unroll
+        for (int corner = 0; corner < kCorners; ++corner) v[corner] = g * w[corner];
+        if (shared) reduce_peers<kCorners>(mask, peers, v);
+        if (leader) {
+          T* gi = grad_image + ch * image.channel_stride;
+#pragma unroll
+          for (int corner = 0; corner < kCorners; ++corner) atomic_add(gi + offset[corner], v[corner]);
+        }
+      }
+      if (chain_grad) {
+        T grad_i[D];
+        interpolate_gradient(data + ch * image.channel_stride, c, grad_i);
+#pragma unroll
+        for (int k = 0; k < D; ++k) a[0][k] += g * grad_i[k];
+      }
+    }
+    if (chain_grad) chain_backward<T, D, 1>(reverse, b, stash, a, false, add);
+  }
+}
+
+struct Args {
+  std::vector<at::Tensor> fields;
+  at::Tensor image;
+  int64_t d, batch;
+  std::vector<int64_t> out_shape;
+};
+
+Args prepare(const at::Tensor& image, at::TensorList chain, at::IntArrayRef shape) {
+  Args args;
+  args.batch = 1;
+  args.d = check_chain("chain", chain, args.batch);
+  TORCH_CHECK(image.dim() == args.d + 2, "image must be (B, C, *spatial) with ", args.d,
+              " spatial axes like the chain, got ", image.sizes());
+  TORCH_CHECK(image.size(1) >= 1, "image must have at least one channel");
+  for (int64_t k = 2; k < image.dim(); ++k) {
+    TORCH_CHECK(image.size(k) >= 1 && image.size(k) < (int64_t(1) << 31), "image has an unsupported spatial size ",
+                image.sizes());
+  }
+  TORCH_CHECK(image.size(1) < (int64_t(1) << 31), "image has too many channels: ", image.size(1));
+  check_like("image", image, "chain[0]", chain[0]);
+  check_cuda(chain[0], "chain[0]");
+  args.batch = merge_batch(args.batch, image.size(0), "image");
+  TORCH_CHECK(static_cast<int64_t>(shape.size()) == args.d, "shape must have ", args.d, " entries, got ", shape);
+  for (int64_t s : shape) TORCH_CHECK(s >= 1 && s < (int64_t(1) << 31), "shape entries must be >= 1, got ", shape);
+  args.fields = contiguous_all(chain);
+  args.image = image.contiguous();
+  args.out_shape = {args.batch, image.size(1)};
+  args.out_shape.insert(args.out_shape.end(), shape.begin(), shape.end());
+  return args;
+}
+
+template <int D>
+Grid<D> make_grid(at::IntArrayRef shape) {
+  Grid<D> g;
+  g.count = 1;
+  for (int k = 0; k < D; ++k) {
+    g.size[k] = static_cast<int>(shape[k]);
+    g.count *= shape[k];
+  }
+  return g;
+}
+
+at::Tensor warp_cuda(const at::Tensor& image_in, at::TensorList chain, at::IntArrayRef shape) {
+  const Args args = prepare(image_in, chain, shape);
+  const c10::cuda::CUDAGuard guard(args.image.device());
+  at::Tensor out = at::empty(args.out_shape, args.image.options());
+  const std::vector<at::Tensor> no_grads(args.fields.size());
+  int64_t count = 1;
+  for (int64_t s : shape) count *= s;
+  const int64_t work = args.batch * count;
+  if (work == 0) return out;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  GF_CUDA_DISPATCH(args.image.scalar_type(), "warp_cuda", [&] {
+    using T = compute_t<scalar_t>;
+    if (args.d == 2) {
+      forward_kernel<T, 2, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+          chain_ref<T, 2, scalar_t>(args.fields, no_grads, args.batch),
+          field_ref<T, 2, scalar_t>(args.image, at::Tensor(), args.batch), make_grid<2>(shape),
+          out.data_ptr<scalar_t>(), args.batch);
+    } else {
+      forward_kernel<T, 3, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+          chain_ref<T, 3, scalar_t>(args.fields, no_grads, args.batch),
+          field_ref<T, 3, scalar_t>(args.image, at::Tensor(), args.batch), make_grid<3>(shape),
+          out.data_ptr<scalar_t>(), args.batch);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> warp_backward_cuda(const at::Tensor& grad_in,
+                                                                   const at::Tensor& image_in, at::TensorList chain,
+                                                                   at::IntArrayRef shape, bool image_needs_grad,
+                                                                   const c10::List<bool>& chain_needs_grad) {
+  const Args args = prepare(image_in, chain, shape);
+  check_mask(chain_needs_grad, chain.size(), "chain_needs_grad");
+  check_like("grad", grad_in, "chain[0]", chain[0]);
+  const at::Tensor grad = grad_in.contiguous();
+  TORCH_CHECK(grad.sizes().vec() == args.out_shape, "grad must have shape ", at::IntArrayRef(args.out_shape),
+              ", got ", grad.sizes());
+  const c10::cuda::CUDAGuard guard(args.image.device());
+  const std::vector<bool> needs = to_vector(chain_needs_grad);
+  const auto grads = gradient_buffers(args.fields, needs);
+  at::Tensor grad_image =
+      image_needs_grad ? at::zeros(args.image.sizes(), args.image.options().dtype(compute_dtype(args.image.scalar_type())))
+                       : at::Tensor();
+  const int reverse_count = backward_count(needs, false);
+  int64_t count = 1;
+  for (int64_t s : shape) count *= s;
+  const int64_t work = args.batch * count;
+  if ((reverse_count > 0 || image_needs_grad) && work > 0) {
+    const uint32_t aggregate = aggregation_mask(args.fields, shape.back());
+    const bool aggregate_image = coarse_for(args.image, shape.back());
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    GF_CUDA_DISPATCH(args.image.scalar_type(), "warp_backward_cuda", [&] {
+      using T = compute_t<scalar_t>;
+      if (args.d == 2) {
+        backward_kernel<T, 2, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+            chain_ref<T, 2, scalar_t>(args.fields, grads, args.batch),
+            chain_ref<T, 2, scalar_t>(args.fields, grads, args.batch, reverse_count), aggregate,
+            field_ref<T, 2, scalar_t>(args.image, grad_image, args.batch), aggregate_image, make_grid<2>(shape),
+            grad.data_ptr<scalar_t>(), args.batch);
+      } else {
+        backward_kernel<T, 3, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+            chain_ref<T, 3, scalar_t>(args.fields, grads, args.batch),
+            chain_ref<T, 3, scalar_t>(args.fields, grads, args.batch, reverse_count), aggregate,
+            field_ref<T, 3, scalar_t>(args.image, grad_image, args.batch), aggregate_image, make_grid<3>(shape),
+            grad.data_ptr<scalar_t>(), args.batch);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {image_needs_grad ? as_dtype_of(grad_image, args.image) : no_gradient(args.image),
+          returned_gradients(grads, args.fields)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) {
+  m.impl("warp", &warp_cuda);
+  m.impl("warp_backward", &warp_backward_cuda);
+}
+
+}  // namespace gradicon_fast::cuda
