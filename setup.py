@@ -45,7 +45,11 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         kwargs["sources"] += _sources("csrc/cuda/*.cu")
         kwargs["define_macros"] = [("GRADICON_FAST_WITH_CUDA", None)]
-        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "--fmad=false", "-lineinfo"]}
+        # --fmad=false: as -ffp-contract=off for the C++ (coordinates identical to the CPU kernels);
+        # -lineinfo: source lines in compute-sanitizer and Nsight reports, no effect on the code;
+        # GRADICON_FAST_NVCC_FLAGS: extra flags for experiments, e.g. -DGF_CUDA_BACKWARD_MIN_BLOCKS=1.
+        nvcc = ["-O3", "--fmad=false", "-lineinfo"] + os.environ.get("GRADICON_FAST_NVCC_FLAGS", "").split()
+        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": nvcc}
         ext = CUDAExtension(**kwargs)
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}
