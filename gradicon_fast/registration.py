@@ -1,0 +1,394 @@
+"""Model-free registration: optimise the displacement fields of a pair directly, GradICON-regularised.
+
+Classical-tool style (multi-resolution, coarse to fine, Adam), with the paper's objective:
+``sim(A∘φ_AB, B) + sim(B∘φ_BA, A) + λ·GradICON(φ_AB, φ_BA)`` (SPEC §2-3, sparse penalty, stride 2), A
+the moving and B the fixed image. φ_AB and φ_BA are one displacement field each (a chain of length
+1), defined on a coarse grid and sampled trilinearly, so the field resolution is the smoothness
+prior: each level refines the previous level's fields on a finer grid (initialised by trilinear
+upsampling, which represents exactly the same transform). The images are first brought to a
+*loss grid* of at most ``max_size`` voxels per axis; the final chain is evaluated at full resolution.
+
+    result = register(fixed, moving)          # (1, 1, *S) tensors on the same grid, [0, 1] intensities
+    warped = gf.warp(moving, result.chain_AB)
+
+``register_images`` does the same for :class:`~gradicon_fast.io.Image` s on any grids (physical
+space), and returns physical displacement fields ready to export.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import functional as gfn
+from . import reference
+
+Tensor = torch.Tensor
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Level:
+    """One resolution level: images at ``1/image_scale`` and fields at ``1/field_scale`` of the loss grid."""
+
+    image_scale: float
+    field_scale: float
+    iterations: int
+
+
+@dataclass
+class RegistrationSettings:
+    """Defaults tuned for CT/MRI pairs of ~150³ at 2 mm (see benchmarks/registration.py)."""
+
+    max_size: int = 80                  # loss grid: images downsampled so that no axis exceeds this
+    levels: tuple[Level, ...] = (Level(4, 4, 100), Level(2, 4, 100), Level(1, 2, 50))
+    lr: float = 0.1                     # Adam step, in voxels of the level's field grid
+    lmbda: float = 1.0                  # weight of the GradICON penalty
+    sigma: int = 3                      # LNCC Gaussian σ in voxels of the level's image grid (SPEC §3)
+    similarity: str = "lncc"            # "lncc", "lncc2" (squared) or "mse"
+    stride: int = 2                     # sparse GradICON (the paper's variant)
+    seed: int = 0
+
+    def describe(self) -> str:
+        levels = ", ".join(f"1/{lv.image_scale:g} ({lv.iterations} it)" for lv in self.levels)
+        return (f"levels {levels}; λ={self.lmbda:g}, {self.similarity} σ={self.sigma}, lr={self.lr:g}, "
+                f"loss grid ≤ {self.max_size}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RegistrationResult:
+    chain_AB: list[Tensor]              # moving→fixed warp: fixed = moving ∘ φ_AB (fixed-grid [0, 1] units)
+    chain_BA: list[Tensor]
+    loss_history: list[tuple[int, float, float, float]] = field(default_factory=list)  # (level, total, sim, reg)
+    seconds: float = 0.0
+    loss_shape: tuple[int, ...] = ()
+
+
+# ------------------------------------------------------------------------------------------------
+# Similarity (SPEC §3), Gaussian smoothing by banded matrices
+# ------------------------------------------------------------------------------------------------
+
+
+def gaussian_taps(sigma: float, *, dtype=torch.float32) -> Tensor:
+    """SPEC §3's taps: k = 4σ + 1 points at -(k-1)/2 … (k-1)/2, weights exp(-x²/2σ²), normalised."""
+    k = int(round(4 * sigma)) + 1
+    x = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    w = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return (w / w.sum()).to(dtype)
+
+
+def _band_matrix(size: int, taps: Tensor) -> Tensor:
+    """``G`` with ``(x @ G.T)[i] = Σ_t taps[t] x[i + t - r]`` and zeros beyond the ends (zero padding)."""
+    r = taps.numel() // 2
+    i = torch.arange(size)
+    offset = i[None, :] - i[:, None] + r
+    inside = (offset >= 0) & (offset < taps.numel())
+    return torch.where(inside, taps[offset.clamp(0, taps.numel() - 1)], torch.zeros((), dtype=taps.dtype))
+
+
+def _smooth_axes(x: Tensor, matrices: Sequence[Tensor]) -> Tensor:
+    """Apply ``matrices[k]`` along spatial axis k of ``(B, C, *S)``, without transposing copies: the
+    axis is the middle one of a ``(before, S_k, after)`` view, multiplied from the left."""
+    shape = x.shape
+    spatial = shape[2:]
+    before = shape[0] * shape[1]
+    for k, m in enumerate(matrices):
+        after = math.prod(spatial[k + 1:])
+        if after == 1:
+            x = (x.reshape(before, spatial[k]) @ m.T).reshape(shape)
+        else:
+            x = torch.matmul(m, x.reshape(before, spatial[k], after)).reshape(shape)
+        before *= spatial[k]
+    return x
+
+
+class GaussianBlur:
+    """Separable Gaussian smoothing with SPEC §3's taps and zero padding, "same" size.
+
+    Each axis is one matrix product with a banded (size x size) matrix: exact, and on CPU several
+    times faster than a depthwise 3D convolution for the σ and sizes used here.
+    """
+
+    def __init__(self, sigma: float, shape: Sequence[int], *, dtype=torch.float32, device=None):
+        taps = gaussian_taps(sigma, dtype=dtype)
+        self.matrices = [_band_matrix(s, taps).to(device) for s in shape]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _smooth_axes(x, self.matrices)
+
+
+def lncc_loss(a: Tensor, b: Tensor, blur: GaussianBlur, *, squared: bool = False) -> Tensor:
+    """``1 - mean(lncc)`` (SPEC §3) of single-channel images ``(B, 1, *S)``."""
+    stats = blur(torch.cat([a, b, a * a, b * b, a * b], dim=1))
+    ma, mb, maa, mbb, mab = stats.unbind(1)
+    cov = mab - ma * mb
+    var_a = torch.relu(maa - ma * ma) + 1e-5
+    var_b = torch.relu(mbb - mb * mb) + 1e-5
+    cc = cov / torch.sqrt(var_a * var_b)
+    return 1 - torch.mean(cc * cc if squared else cc)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resampling helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _interp_mode(d: int) -> str:
+    return "trilinear" if d == 3 else "bilinear"
+
+
+def resize(x: Tensor, shape: Sequence[int], *, antialias: bool = True) -> Tensor:
+    """Resample ``(B, C, *S)`` to ``shape`` in align-corners [0, 1] coordinates (the same continuous
+    image), Gaussian-smoothed first when shrinking."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(x.shape[2:]) == shape:
+        return x
+    if antialias:
+        factor = max((s - 1) / max(t - 1, 1) for s, t in zip(x.shape[2:], shape))
+        if factor > 1.25:
+            sigma = 0.5 * factor
+            taps = gaussian_taps(sigma, dtype=x.dtype)
+            # normalised smoothing (divide by the blurred ones) so the borders keep their level
+            mats = [_band_matrix(s, taps).to(x.device) for s in x.shape[2:]]
+            x = _smooth_axes(x, mats) / _smooth_axes(torch.ones_like(x[:1, :1]), mats)
+    return F.interpolate(x, size=shape, mode=_interp_mode(x.ndim - 2), align_corners=True)
+
+
+def scaled_shape(shape: Sequence[int], scale: float, *, minimum: int = 6) -> tuple[int, ...]:
+    """The grid of ``shape`` shrunk by ``scale`` (voxel count per axis, at least ``minimum``)."""
+    return tuple(max(min(minimum, int(s)), int(round((int(s) - 1) / scale)) + 1) for s in shape)
+
+
+def loss_grid_shape(shape: Sequence[int], max_size: int) -> tuple[int, ...]:
+    """The image grid shrunk by one factor so that no axis exceeds ``max_size`` (unchanged if it fits)."""
+    factor = max(1.0, max((s - 1) / max(max_size - 1, 1) for s in shape))
+    return scaled_shape(shape, factor)
+
+
+# ------------------------------------------------------------------------------------------------
+# The optimisation
+# ------------------------------------------------------------------------------------------------
+
+
+def _similarity_fn(kind: str, sigma: int, shape: Sequence[int], device) -> Callable[[Tensor, Tensor], Tensor]:
+    if kind in ("lncc", "lncc2"):
+        blur = GaussianBlur(sigma, shape, device=device)
+        squared = kind == "lncc2"
+        return lambda a, b: lncc_loss(a, b, blur, squared=squared)
+    if kind == "mse":
+        return lambda a, b: torch.mean((a - b) ** 2)
+    raise ValueError(f"unknown similarity {kind!r}: use 'lncc', 'lncc2' or 'mse'")
+
+
+def register(fixed: Tensor, moving: Tensor, *, settings: RegistrationSettings | None = None,
+             backend: str | None = None, progress: bool = False,
+             callback: Callable[[int, int, float], None] | None = None) -> RegistrationResult:
+    """Register ``moving`` (A) to ``fixed`` (B): ``(1, 1, *S)`` tensors on the same grid, intensities ~[0, 1].
+
+    Returns the chains φ_AB (``fixed ≈ moving ∘ φ_AB``) and φ_BA, each one displacement field in the
+    [0, 1] units of the common grid (at the finest level's field resolution: compose or warp them at
+    any resolution). ``backend`` picks the implementation of the ops ("cpu" fused kernels, "torch"
+    reference, default automatic).
+    """
+    settings = settings or RegistrationSettings()
+    if fixed.shape != moving.shape or fixed.ndim not in (4, 5) or fixed.shape[:2] != (1, 1):
+        raise ValueError(f"fixed and moving must both be (1, 1, *S) on the same grid, got {tuple(fixed.shape)} "
+                         f"and {tuple(moving.shape)}")
+    if not settings.levels:
+        raise ValueError("settings.levels is empty")
+    start = time.perf_counter()
+    d = fixed.ndim - 2
+    device = fixed.device
+    fixed = fixed.float()
+    moving = moving.float()
+    loss_shape = loss_grid_shape(fixed.shape[2:], settings.max_size)
+    fixed_l0, moving_l0 = resize(fixed, loss_shape), resize(moving, loss_shape)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(lv.iterations for lv in settings.levels), desc="registering", unit="it",
+                   leave=False, dynamic_ncols=True)
+    fields: list[Tensor] | None = None
+    history: list[tuple[int, float, float, float]] = []
+    try:
+        for index, level in enumerate(settings.levels):
+            image_shape = scaled_shape(loss_shape, level.image_scale)
+            field_shape = scaled_shape(loss_shape, level.field_scale)
+            a = resize(moving_l0, image_shape)
+            b = resize(fixed_l0, image_shape)
+            sim = _similarity_fn(settings.similarity, settings.sigma, image_shape, device)
+            if fields is None:
+                init = [torch.zeros((1, d, *field_shape), device=device) for _ in range(2)]
+            else:
+                init = [F.interpolate(f.detach(), size=field_shape, mode=_interp_mode(d), align_corners=True)
+                        for f in fields]
+            fields = [f.clone().requires_grad_(True) for f in init]
+            # lr in field-grid voxels: Adam's steps are ~lr per parameter early on
+            lr = settings.lr / max(max(field_shape) - 1, 1)
+            optimiser = torch.optim.Adam(fields, lr=lr)
+            for it in range(level.iterations):
+                optimiser.zero_grad(set_to_none=True)
+                ab, ba = [fields[0]], [fields[1]]
+                warped_a = gfn.warp(a, ab, backend=backend)
+                warped_b = gfn.warp(b, ba, backend=backend)
+                similarity = sim(warped_a, b) + sim(warped_b, a)
+                if settings.lmbda > 0:
+                    reg = gfn.gradicon_loss(ab, ba, shape=image_shape, stride=settings.stride,
+                                            generator=generator, backend=backend)
+                else:
+                    reg = similarity.new_zeros(())
+                loss = similarity + settings.lmbda * reg
+                loss.backward()
+                optimiser.step()
+                if it % 10 == 0 or it == level.iterations - 1:
+                    history.append((index, loss.item(), similarity.item(), reg.item()))
+                if bar is not None:
+                    bar.update(1)
+                    if it % 10 == 0:
+                        bar.set_postfix(level=f"{index + 1}/{len(settings.levels)}", loss=f"{loss.item():.4f}")
+                if callback is not None:
+                    callback(index, it, loss.item())
+    finally:
+        if bar is not None:
+            bar.close()
+    chain_ab, chain_ba = [fields[0].detach()], [fields[1].detach()]
+    return RegistrationResult(chain_ab, chain_ba, history, time.perf_counter() - start, loss_shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Images in physical space
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageRegistration:
+    """The outcome of :func:`register_images`.
+
+    ``forward`` is the fixed→moving field on the fixed grid (ITK convention: fixed point p ↦ p + u(p) in
+    the moving image; what resamples the moving image onto the fixed one); ``inverse`` the
+    moving→fixed field on the moving image's grid; ``warped`` the moving image (original intensities)
+    resampled on the fixed grid. ``chain_AB``/``chain_BA`` are the raw chains in the [0, 1]
+    coordinates of the fixed grid.
+    """
+
+    forward: object             # io.DisplacementField
+    inverse: object             # io.DisplacementField
+    warped: object              # io.Image
+    chain_AB: list[Tensor]
+    chain_BA: list[Tensor]
+    fold_percentage: float
+    seconds: float
+    method: str
+    details: dict = field(default_factory=dict)
+
+
+def _prepare(image, preset: str, mask: np.ndarray | None) -> np.ndarray:
+    from .io import normalize_intensity
+
+    array = normalize_intensity(image.array, preset, mask=mask)
+    if mask is not None:
+        array = array * mask
+    return array
+
+
+def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, moving_mask: np.ndarray | None = None,
+                    intensity: str = "auto", settings: RegistrationSettings | None = None,
+                    model=None, io_iterations: int = 50, backend: str | None = None, device: str | None = None,
+                    progress: bool = False, log: Callable[[str], None] | None = None) -> ImageRegistration:
+    """Register ``moving`` to ``fixed`` (:class:`~gradicon_fast.io.Image` s on any grids, physical space).
+
+    Intensities are normalised (``intensity`` preset per image, see :func:`gradicon_fast.io.normalize_intensity`),
+    masks multiply their images, and the moving image is resampled on the fixed grid through the
+    identity of physical space (so the images only need to overlap in world coordinates). Without
+    ``model``, the fields are optimised directly (:func:`register`); with a
+    :class:`gradicon_fast.nn.GradICON` ``model``, the network registers the pair at its input shape
+    after ``io_iterations`` steps of instance optimisation. Both give chains in the fixed grid's
+    [0, 1] coordinates, evaluated here at full resolution.
+    """
+    from . import io
+
+    log = log or (lambda message: None)
+    if fixed.ndim != moving.ndim:
+        raise io.InputError(f"the fixed image is {fixed.ndim}D but the moving image is {moving.ndim}D")
+    device = torch.device(device or "cpu")
+    start = time.perf_counter()
+    fixed_array = _prepare(fixed, intensity, fixed_mask)
+    moving_array = _prepare(moving, intensity, moving_mask)
+    identity = io.DisplacementField(np.zeros((*fixed.shape, fixed.ndim)), fixed.geometry)
+    moving_on_fixed = io.warp_image(io.Image(moving_array, moving.geometry), identity, backend=backend).array
+    b = torch.from_numpy(np.ascontiguousarray(fixed_array))[None, None].float().to(device)
+    a = torch.from_numpy(np.ascontiguousarray(moving_on_fixed))[None, None].float().to(device)
+    if not float(a.abs().max()) > 0:
+        raise io.InputError("the moving image does not overlap the fixed image in physical space (or it is "
+                            "empty after masking)")
+    details: dict = {}
+    if model is None:
+        settings = settings or RegistrationSettings()
+        log(f"model-free registration on a {'x'.join(map(str, loss_grid_shape(fixed.shape, settings.max_size)))} "
+            f"loss grid: {settings.describe()}")
+        result = register(b, a, settings=settings, backend=backend, progress=progress)
+        chain_ab, chain_ba = result.chain_AB, result.chain_BA
+        method = "model-free"
+        details.update(loss_shape=list(result.loss_shape), settings=settings.as_dict(),
+                       final_loss=result.loss_history[-1][1] if result.loss_history else None)
+    else:
+        chain_ab, chain_ba = _register_with_model(model, b, a, io_iterations=io_iterations, backend=backend,
+                                                  progress=progress, log=log)
+        method = f"network + {io_iterations} instance-optimisation steps"
+        details.update(input_shape=list(model.input_shape), io_iterations=io_iterations)
+    chain_ab = [c.detach().float().cpu() for c in chain_ab]
+    chain_ba = [c.detach().float().cpu() for c in chain_ba]
+
+    # Full-resolution outputs (CPU).
+    forward_disp = gfn.compose(chain_ab, fixed.shape, backend=None if backend in (None, "cuda", "triton") else backend)
+    forward = io.DisplacementField.from_map_displacement(forward_disp, fixed.geometry)
+    folds = float(gfn.fold_percentage(reference.identity_map(fixed.shape) + forward_disp))
+    del forward_disp
+    points = torch.as_tensor(fixed.geometry.physical_to_map(moving.geometry.grid_physical()), dtype=torch.float32)
+    targets = gfn.transform_points(chain_ba, points.movedim(-1, 0)[None].contiguous())[0].movedim(0, -1)
+    inverse = io.DisplacementField.from_target_points(fixed.geometry.map_to_physical(targets.double().numpy()),
+                                                      moving.geometry)
+    warped = io.warp_image(moving, forward)
+    seconds = time.perf_counter() - start
+    return ImageRegistration(forward, inverse, warped, chain_ab, chain_ba, folds, seconds, method, details)
+
+
+def _register_with_model(model, fixed: Tensor, moving: Tensor, *, io_iterations: int, backend: str | None,
+                         progress: bool, log: Callable[[str], None]):
+    """The network's chains for (A = moving, B = fixed) at its input shape, after instance optimisation."""
+    from .io import InputError
+
+    shape = tuple(model.input_shape)
+    if len(shape) != fixed.ndim - 2:
+        raise InputError(f"the model registers {len(shape)}D images but the images are {fixed.ndim - 2}D")
+    param = next(model.parameters())
+    a = resize(moving, shape, antialias=True).to(param.device)
+    b = resize(fixed, shape, antialias=True).to(param.device)
+    if backend is not None:
+        model.backend = backend
+    log(f"network registration at {'x'.join(map(str, shape))}, {io_iterations} instance-optimisation steps")
+    if io_iterations > 0:
+        from .train import instance_optimize
+
+        result = instance_optimize(model, a, b, steps=io_iterations)
+    else:
+        model.eval()
+        with torch.no_grad():
+            result = model.register(a, b).detach()
+    return result.chain_AB, result.chain_BA
