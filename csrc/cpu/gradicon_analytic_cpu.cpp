@@ -11,6 +11,18 @@
 namespace gradicon_fast::cpu {
 namespace {
 
+// Do the writes of a point sampled at x (axis 0) in batch entry b (rows index and index + 1 of
+// the cell, counted over the batch when f has one) stay inside `range`? Written out here because
+// cpu_common.h's touches_only locates with stride 0, so its upper-row step is always 0 and the
+// row just past a block's range goes unchecked.
+template <typename T, typename Field>
+bool cell_rows_inside(const Field& f, int64_t b, T x0, const RowRange& range) {
+  const AxisPos<T> a = locate(x0, f.size[0], int64_t(1));
+  const int64_t lo = (f.batch_stride ? b * f.size[0] : 0) + a.index;
+  const int64_t hi = lo + a.step;  // step is 1 unless the lower row is the last one
+  return lo >= range.lo && hi < range.hi;
+}
+
 template <typename T, int D>
 double forward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch) {
   const double sum = deterministic_sum(pts.num_points, [&](int64_t p) {
@@ -43,7 +55,7 @@ void backward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts
     jacobian_forward<T, D>(chain, b, y, dev, stash_pos, stash_dev);
     // Each field's writes touch the cell of y_j only (gradient target j is field j).
     for (int j = 0; j < chain.count; ++j) {
-      if (chain.field[j].grad && !touches_only(chain.field[j], b, stash_pos[j][0], own[j])) return false;
+      if (chain.field[j].grad && !cell_rows_inside(chain.field[j], b, stash_pos[j][0], own[j])) return false;
     }
     for (int i = 0; i < D; ++i)
       for (int k = 0; k < D; ++k) dev[i][k] *= scale;
