@@ -58,36 +58,51 @@ inline bool touches_only(const FieldRef<T, D>& f, int64_t b, T x0, const RowRang
   return lo >= range.lo && hi < range.hi;
 }
 
-// Runs body(point, ranges) for every point in [0, n), in parallel, without two threads ever
-// adding to the same gradient voxel. The points are cut into one contiguous block per thread;
-// block t owns rows [rows·t/T, rows·(t+1)/T) of every gradient target (target_rows[i] rows each)
-// and its body may add only there. body returns false, having written nothing, if a point would
-// touch a row outside; those points run afterwards on one thread with every row allowed. Points
-// laid out in grid order touch rows near their own, so few are deferred; any layout is correct.
-template <typename Body>
-void for_each_point_owning_rows(int64_t n, const std::vector<int64_t>& target_rows, const Body& body) {
+// Runs body(item, ranges, deferred) for every item in [0, n) in parallel, without two threads
+// ever adding to the same gradient voxel. An item is one point or a group of points. The items
+// are cut into one contiguous block per thread; block t owns rows [rows·t/T, rows·(t+1)/T) of
+// every gradient target (target_rows[i] rows each), and body may add only there. A point that
+// would touch a row outside is left alone and its index appended to `deferred`; those points
+// run afterwards through single(point), on one thread with every row allowed. Points laid out
+// in grid order touch rows near their own, so few are deferred; any layout is correct.
+template <typename Body, typename Single>
+void for_each_item_owning_rows(int64_t n, const std::vector<int64_t>& target_rows, int64_t min_items_per_thread,
+                               const Body& body, const Single& single) {
   const size_t targets = target_rows.size();
   std::vector<RowRange> all(targets);
   for (size_t i = 0; i < targets; ++i) all[i] = {0, target_rows[i]};
-  const int64_t blocks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n / 256, 1));
-  if (blocks <= 1) {
-    for (int64_t p = 0; p < n; ++p) body(p, all.data());
-    return;
-  }
+  const int64_t blocks =
+      std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n / std::max<int64_t>(min_items_per_thread, 1), 1));
   std::vector<std::vector<int64_t>> deferred(blocks);
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    std::vector<RowRange> own(targets);
-    for (int64_t t = first; t < last; ++t) {
-      for (size_t i = 0; i < targets; ++i) own[i] = {target_rows[i] * t / blocks, target_rows[i] * (t + 1) / blocks};
-      const int64_t begin = n * t / blocks, end = n * (t + 1) / blocks;
-      for (int64_t p = begin; p < end; ++p) {
-        if (!body(p, own.data())) deferred[t].push_back(p);
+  if (blocks <= 1) {
+    for (int64_t i = 0; i < n; ++i) body(i, all.data(), deferred[0]);
+  } else {
+    at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+      std::vector<RowRange> own(targets);
+      for (int64_t t = first; t < last; ++t) {
+        for (size_t i = 0; i < targets; ++i) own[i] = {target_rows[i] * t / blocks, target_rows[i] * (t + 1) / blocks};
+        const int64_t begin = n * t / blocks, end = n * (t + 1) / blocks;
+        for (int64_t i = begin; i < end; ++i) body(i, own.data(), deferred[t]);
       }
-    }
-  });
-  for (const auto& list : deferred) {
-    for (int64_t p : list) body(p, all.data());
+    });
   }
+  for (const auto& list : deferred) {
+    for (int64_t p : list) single(p);
+  }
+}
+
+// The same for one point per item: body(point, ranges) returns false, having written nothing,
+// when the point would leave its rows.
+template <typename Body>
+void for_each_point_owning_rows(int64_t n, const std::vector<int64_t>& target_rows, const Body& body) {
+  std::vector<RowRange> all(target_rows.size());
+  for (size_t i = 0; i < target_rows.size(); ++i) all[i] = {0, target_rows[i]};
+  for_each_item_owning_rows(
+      n, target_rows, 256,
+      [&](int64_t p, const RowRange* own, std::vector<int64_t>& deferred) {
+        if (!body(p, own)) deferred.push_back(p);
+      },
+      [&](int64_t p) { body(p, all.data()); });
 }
 
 // Sum of per-point values over [0, n) in double, in a fixed order (independent of the number

@@ -2,9 +2,14 @@
 // loss, one for the gradients, nothing stored in between but the seed.
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../gradicon_point.h"
 #include "../op_checks.h"
 #include "../penalty_args.h"
+#include "chain8.h"
+#include "gradicon_lanes.h"
 #include "cpu_common.h"
 
 namespace gradicon_fast::cpu {
@@ -31,10 +36,32 @@ double forward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pt
   return sum / static_cast<double>(batch * D * pts.num_points);
 }
 
+// The reverse pass of one point (batch entry b, point p); false, having written nothing, if it
+// would add outside `own`.
+template <typename T, int D>
+bool backward_point(const ChainRef<T, D>& chain, const int* target, const PenaltyPoints<T, D>& pts, int64_t b,
+                    int64_t p, T delta, T scale_sum, const RowRange* own) {
+  constexpr int E = D + 1;
+  T x[D];
+  penalty_point(pts, p, x);
+  T start[E][D], end[E][D];
+  T stash[kMaxComposed][E][D];
+  shifted_points(x, delta, start);
+  for (int e = 0; e < E; ++e)
+    for (int k = 0; k < D; ++k) end[e][k] = start[e][k];
+  chain_forward<T, D, E>(chain, b, end, stash);
+  if (!chain_touches_only<T, D, E>(chain, target, b, stash, own)) return false;
+  T g[D][D], a[E][D];
+  fd_gradient_error(start, end, delta, g);
+  fd_gradient_error_adjoint(g, delta, scale_sum, a);
+  PlainAdd add;
+  chain_backward<T, D, E>(chain, b, stash, a, false, add);
+  return true;
+}
+
 template <typename T, int D>
 void backward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch, T delta,
                      T grad_loss) {
-  constexpr int E = D + 1;
   const int64_t n = pts.num_points;
   const T scale_sum = grad_loss / static_cast<T>(batch * D * n);
   std::vector<int64_t> rows;
@@ -43,24 +70,270 @@ void backward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts
     rows.push_back(gradient_rows(chain.field[j], batch));
     target[j] = j;
   }
-  PlainAdd add;
+  for_each_point_owning_rows(batch * n, rows, [&](int64_t q, const RowRange* own) {
+    return backward_point(chain, target, pts, q / n, q % n, delta, scale_sum, own);
+  });
+}
+
+#ifdef GF_HAVE_SIMD8
+using namespace simd;
+
+// Eight consecutive points from p0; lanes past the last point repeat it and are inactive.
+template <int D>
+unsigned load_points8(const PenaltyPoints<float, D>& pts, int64_t p0, f8 (&x)[D]) {
+  alignas(32) float xs[D][kLanes];
+  unsigned active = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    const int64_t p = std::min(p0 + l, pts.num_points - 1);
+    if (p0 + l < pts.num_points) active |= 1u << l;
+    float xp[D];
+    penalty_point(pts, p, xp);
+    for (int k = 0; k < D; ++k) xs[k][l] = xp[k];
+  }
+  for (int k = 0; k < D; ++k) x[k] = *reinterpret_cast<const f8*>(xs[k]);
+  return active;
+}
+
+template <int D>
+void shifted_points8(const f8 (&x)[D], float delta, f8 (&start)[D + 1][D]) {
+  for (int e = 0; e <= D; ++e)
+    for (int k = 0; k < D; ++k) start[e][k] = x[k];
+  for (int k = 0; k < D; ++k) start[k + 1][k] = x[k] + splat(delta);
+}
+
+// g[k][c] = ((x - φ(x)) - (x_k - φ(x_k))) / δ per lane.
+template <int D>
+void fd_gradient_error8(const f8 (&start)[D + 1][D], const f8 (&end)[D + 1][D], float delta, f8 (&g)[D][D]) {
+  for (int k = 0; k < D; ++k)
+    for (int c = 0; c < D; ++c) g[k][c] = ((start[0][c] - end[0][c]) - (start[k + 1][c] - end[k + 1][c])) / splat(delta);
+}
+
+template <int D>
+double forward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& pts, int64_t batch, float delta) {
+  constexpr int E = D + 1;
+  const Strides32<D> s32 = strides32(chain);
+  const int64_t groups = (pts.num_points + kLanes - 1) / kLanes;
+  const double sum = deterministic_sum(groups, [&](int64_t group) {
+    f8 x[D];
+    const unsigned active = load_points8(pts, group * kLanes, x);
+    double s = 0.0;
+    for (int64_t b = 0; b < batch; ++b) {
+      f8 start[E][D], end[E][D];
+      shifted_points8(x, delta, start);
+      for (int e = 0; e < E; ++e)
+        for (int k = 0; k < D; ++k) end[e][k] = start[e][k];
+      chain_forward8<D, E>(chain, s32, b, end, nullptr);
+      f8 g[D][D];
+      fd_gradient_error8(start, end, delta, g);
+      for (int l = 0; l < kLanes; ++l) {
+        if (!(active >> l & 1)) continue;
+        for (int k = 0; k < D; ++k)
+          for (int c = 0; c < D; ++c) s += static_cast<double>(g[k][c][l] * g[k][c][l]);
+      }
+    }
+    return s;
+  });
+  return sum / static_cast<double>(batch * D * pts.num_points);
+}
+
+template <int D>
+void backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& pts, int64_t batch, float delta,
+                      float grad_loss) {
+  constexpr int E = D + 1;
+  const int64_t n = pts.num_points;
+  const int64_t groups = (n + kLanes - 1) / kLanes;
+  const float scale_sum = grad_loss / static_cast<float>(batch * D * n);
+  const float s = 2.f * scale_sum / delta;
+  const Strides32<D> s32 = strides32(chain);
+  std::vector<int64_t> rows;
+  int target[kMaxComposed];
+  for (int j = 0; j < chain.count; ++j) {
+    rows.push_back(gradient_rows(chain.field[j], batch));
+    target[j] = j;
+  }
+  std::vector<RowRange> all(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) all[i] = {0, rows[i]};
+  for_each_item_owning_rows(
+      batch * groups, rows, 32,
+      [&](int64_t item, const RowRange* own, std::vector<int64_t>& deferred) {
+        const int64_t b = item / groups, p0 = (item % groups) * kLanes;
+        f8 x[D];
+        const unsigned active = load_points8(pts, p0, x);
+        f8 start[E][D], end[E][D];
+        f8 stash[kMaxComposed][E][D];
+        shifted_points8(x, delta, start);
+        for (int e = 0; e < E; ++e)
+          for (int k = 0; k < D; ++k) end[e][k] = start[e][k];
+        chain_forward8<D, E>(chain, s32, b, end, stash);
+        const unsigned owned = owned_lanes8<D, E>(chain, target, b, stash, own) & active;
+        for (unsigned rest = active & ~owned; rest; rest &= rest - 1) deferred.push_back(b * n + p0 + __builtin_ctz(rest));
+        f8 g[D][D], a[E][D];
+        fd_gradient_error8(start, end, delta, g);
+        for (int c = 0; c < D; ++c) a[0][c] = splat(0.f);
+        for (int k = 0; k < D; ++k) {
+          for (int c = 0; c < D; ++c) {
+            const f8 v = g[k][c] * splat(s);
+            a[0][c] -= v;
+            a[k + 1][c] = v;
+          }
+        }
+        chain_backward8<D, E>(chain, s32, b, stash, a, owned, false);
+      },
+      [&](int64_t q) { backward_point(chain, target, pts, q / n, q % n, delta, scale_sum, all.data()); });
+}
+#endif  // GF_HAVE_SIMD8
+
+namespace lanes_impl {
+using namespace lanes;
+
+template <int D>
+struct Strides {
+  int32_t s[kMaxComposed][D];
+};
+
+template <int D>
+Strides<D> strides_of(const ChainRef<float, D>& chain) {
+  Strides<D> t;
+  for (int j = 0; j < chain.count; ++j)
+    for (int k = 0; k < D; ++k) t.s[j][k] = static_cast<int32_t>(chain.field[j].stride[k]);
+  return t;
+}
+
+// Lane e holds x + δ ê_{e-1} (lane 0: x); in 2D lane 3 repeats lane 0.
+template <int D>
+void start_lanes(const float (&x)[D], float delta, f4 (&start)[D]) {
+  for (int k = 0; k < D; ++k) {
+    start[k] = lanes::splat(x[k]);
+    start[k][k + 1] = x[k] + delta;
+  }
+}
+
+template <int D>
+double forward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& pts, int64_t batch, float delta) {
+  const Strides<D> st = strides_of(chain);
+  const double sum = deterministic_sum(pts.num_points, [&](int64_t p) {
+    float x[D];
+    penalty_point(pts, p, x);
+    f4 start[D];
+    start_lanes(x, delta, start);
+    double s = 0.0;
+    for (int64_t b = 0; b < batch; ++b) {
+      f4 y[D];
+      for (int k = 0; k < D; ++k) y[k] = start[k];
+      chain_forward4<D>(chain, st.s, b, y, nullptr);
+      f4 e[D];
+      for (int c = 0; c < D; ++c) e[c] = start[c] - y[c];
+      for (int k = 0; k < D; ++k)
+        for (int c = 0; c < D; ++c) {
+          const float g = (e[c][0] - e[c][k + 1]) / delta;
+          s += static_cast<double>(g * g);
+        }
+    }
+    return s;
+  });
+  return sum / static_cast<double>(batch * D * pts.num_points);
+}
+
+template <int D>
+void backward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& pts, int64_t batch, float delta,
+              float grad_loss) {
+  const int64_t n = pts.num_points;
+  const float scale_sum = grad_loss / static_cast<float>(batch * D * n);
+  const float s = 2.f * scale_sum / delta;
+  const Strides<D> st = strides_of(chain);
+  std::vector<int64_t> rows;
+  int target[kMaxComposed];
+  for (int j = 0; j < chain.count; ++j) {
+    rows.push_back(gradient_rows(chain.field[j], batch));
+    target[j] = j;
+  }
   for_each_point_owning_rows(batch * n, rows, [&](int64_t q, const RowRange* own) {
     const int64_t b = q / n, p = q % n;
-    T x[D];
+    float x[D];
     penalty_point(pts, p, x);
-    T start[E][D], end[E][D];
-    T stash[kMaxComposed][E][D];
-    shifted_points(x, delta, start);
-    for (int e = 0; e < E; ++e)
-      for (int k = 0; k < D; ++k) end[e][k] = start[e][k];
-    chain_forward<T, D, E>(chain, b, end, stash);
-    if (!chain_touches_only<T, D, E>(chain, target, b, stash, own)) return false;
-    T g[D][D], a[E][D];
-    fd_gradient_error(start, end, delta, g);
-    fd_gradient_error_adjoint(g, delta, scale_sum, a);
-    chain_backward<T, D, E>(chain, b, stash, a, false, add);
+    f4 start[D], y[D], stash[kMaxComposed][D];
+    start_lanes(x, delta, start);
+    for (int k = 0; k < D; ++k) y[k] = start[k];
+    chain_forward4<D>(chain, st.s, b, y, stash);
+    for (int j = 0; j < chain.count; ++j) {
+      if (!chain.field[j].grad) continue;
+      for (int e = 0; e <= D; ++e)
+        if (!touches_only(chain.field[j], b, stash[j][0][e], own[target[j]])) return false;
+    }
+    f4 err[D], a[D];
+    for (int c = 0; c < D; ++c) {
+      err[c] = start[c] - y[c];
+      a[c] = lanes::splat(0.f);
+    }
+    for (int k = 0; k < D; ++k)
+      for (int c = 0; c < D; ++c) {
+        const float v = ((err[c][0] - err[c][k + 1]) / delta) * s;
+        a[c][0] -= v;
+        a[c][k + 1] = v;
+      }
+    chain_backward4<D>(chain, st.s, b, stash, a);
     return true;
   });
+}
+
+}  // namespace lanes_impl
+
+// Float32 goes through the eight-lane kernels when the build has them and the fields fit
+// int32 offsets; everything else through the scalar ones.
+// Which float32 kernels run: the eight-point AVX2 ones when built with AVX2 ("simd8"), else the
+// portable four-lane ones ("lanes"); GRADICON_FAST_CPU_KERNEL=scalar|lanes|simd8 overrides (tests
+// run every path). float64 always takes the scalar kernels.
+enum class Path { kScalar, kLanes, kSimd8 };
+
+inline Path float_path() {
+  const char* env = std::getenv("GRADICON_FAST_CPU_KERNEL");
+  const std::string want = env ? env : "";
+  if (want == "scalar") return Path::kScalar;
+  if (want == "lanes") return Path::kLanes;
+#ifdef GF_HAVE_SIMD8
+  return Path::kSimd8;
+#else
+  TORCH_CHECK(want != "simd8", "GRADICON_FAST_CPU_KERNEL=simd8, but the extension was built without AVX2");
+  return Path::kLanes;
+#endif
+}
+
+template <typename T, int D>
+double forward(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch, T delta) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (lanes::fits_int32(chain)) {
+      switch (float_path()) {
+        case Path::kLanes:
+          return lanes_impl::forward<D>(chain, pts, batch, delta);
+#ifdef GF_HAVE_SIMD8
+        case Path::kSimd8:
+          return forward_kernel8<D>(chain, pts, batch, delta);
+#endif
+        default:
+          break;
+      }
+    }
+  }
+  return forward_kernel<T, D>(chain, pts, batch, delta);
+}
+
+template <typename T, int D>
+void backward(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch, T delta, T grad_loss) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (lanes::fits_int32(chain)) {
+      switch (float_path()) {
+        case Path::kLanes:
+          return lanes_impl::backward<D>(chain, pts, batch, delta, grad_loss);
+#ifdef GF_HAVE_SIMD8
+        case Path::kSimd8:
+          return backward_kernel8<D>(chain, pts, batch, delta, grad_loss);
+#endif
+        default:
+          break;
+      }
+    }
+  }
+  backward_kernel<T, D>(chain, pts, batch, delta, grad_loss);
 }
 
 struct Args {
@@ -92,12 +365,12 @@ at::Tensor gradicon_loss_cpu(at::TensorList chain_ab, at::TensorList chain_ba, a
   double loss = 0.0;
   AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "gradicon_loss_cpu", [&] {
     if (args.d == 2) {
-      loss = forward_kernel<scalar_t, 2>(chain_ref<scalar_t, 2>(args.fields, no_grads, args.batch),
+      loss = forward<scalar_t, 2>(chain_ref<scalar_t, 2>(args.fields, no_grads, args.batch),
                                          penalty_points_from<scalar_t, 2>(shape, stride, args.count, args.noise, seed,
                                                                           noise_scale),
                                          args.batch, static_cast<scalar_t>(delta));
     } else {
-      loss = forward_kernel<scalar_t, 3>(chain_ref<scalar_t, 3>(args.fields, no_grads, args.batch),
+      loss = forward<scalar_t, 3>(chain_ref<scalar_t, 3>(args.fields, no_grads, args.batch),
                                          penalty_points_from<scalar_t, 3>(shape, stride, args.count, args.noise, seed,
                                                                           noise_scale),
                                          args.batch, static_cast<scalar_t>(delta));
@@ -119,12 +392,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> gradicon_loss_backw
   AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "gradicon_loss_backward_cpu", [&] {
     const scalar_t grad_loss = grad.item<scalar_t>();
     if (args.d == 2) {
-      backward_kernel<scalar_t, 2>(chain_ref<scalar_t, 2>(args.fields, grads, args.batch),
+      backward<scalar_t, 2>(chain_ref<scalar_t, 2>(args.fields, grads, args.batch),
                                    penalty_points_from<scalar_t, 2>(shape, stride, args.count, args.noise, seed,
                                                                     noise_scale),
                                    args.batch, static_cast<scalar_t>(delta), grad_loss);
     } else {
-      backward_kernel<scalar_t, 3>(chain_ref<scalar_t, 3>(args.fields, grads, args.batch),
+      backward<scalar_t, 3>(chain_ref<scalar_t, 3>(args.fields, grads, args.batch),
                                    penalty_points_from<scalar_t, 3>(shape, stride, args.count, args.noise, seed,
                                                                     noise_scale),
                                    args.batch, static_cast<scalar_t>(delta), grad_loss);
