@@ -52,9 +52,9 @@ int64_t gradient_rows(const FieldRef<T, D>& f, int64_t batch) {
 // Does a point sampled at x (axis 0) in batch entry b touch only rows of `range`?
 template <typename T, int D>
 inline bool touches_only(const FieldRef<T, D>& f, int64_t b, T x0, const RowRange& range) {
-  const AxisPos<T> a = locate(x0, f.size[0], 0);
+  const AxisPos<T> a = locate(x0, f.size[0], 1);  // stride 1: step is 1 exactly when the upper row exists
   const int64_t lo = (f.batch_stride ? b * f.size[0] : 0) + a.index;
-  const int64_t hi = lo + (a.step ? 1 : 0);
+  const int64_t hi = lo + a.step;
   return lo >= range.lo && hi < range.hi;
 }
 
