@@ -264,6 +264,28 @@ def test_gradicon_loss_protocol_resolutions(rng, d, dtype, stride):
 
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradicon_analytic_loss(rng, d, dtype, stride):
+    """mode="analytic": the exact Jacobian penalty (values 1e-5 / gradients 1e-4 in float32, as on the CPU)."""
+    for regime in regimes(dtype):
+        ab, ba = penalty_pair(rng, d, dtype, regime)
+        shape = random_shape(rng, d, 3, 12 if d == 2 else 8)
+        noise = cuda(torch.randn(1, d, *R.loss_points_shape(shape, stride), generator=rng,
+                                 dtype=torch.float64).to(dtype))
+        symmetric = coin(rng)
+        k = len(ab)
+        (l, g), (l_ref, g_ref) = run_both(
+            lambda backend, *xs: gf.gradicon_loss(list(xs[:k]), list(xs[k:]), shape=shape, stride=stride, noise=noise,
+                                                  noise_scale=0.15, symmetric=symmetric, mode="analytic",
+                                                  backend=backend), ab + ba)
+        assert l.shape == () and l.dtype == dtype and l.is_cuda
+        what = f"analytic gradicon {regime} stride={stride} symmetric={symmetric}"
+        check(l, l_ref, TOL[dtype], what)
+        check(list(g), list(g_ref), 1e-10 if dtype == torch.float64 else 1e-4, what + " grads")
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_icon_loss(rng, d, dtype):
     for regime in regimes(dtype):
         ab, ba = penalty_pair(rng, d, dtype, regime)
@@ -291,7 +313,7 @@ def test_seeded_noise_matches_reference(rng, d, dtype, stride):
     seed = int(torch.randint(0, 2**62, (1,), generator=rng))
     points_shape = R.loss_points_shape(shape, stride)
     k = len(ab)
-    for op in ("gradicon", "icon"):
+    for op in ("gradicon", "analytic", "icon"):
         if op == "icon" and stride != 1:
             continue
         scale = stride / shape[-1]
@@ -299,13 +321,16 @@ def test_seeded_noise_matches_reference(rng, d, dtype, stride):
         def seeded(backend, *xs):
             if op == "gradicon":
                 return fused.gradicon_loss(list(xs[:k]), list(xs[k:]), shape, stride, None, seed, 1e-3, scale)
+            if op == "analytic":
+                return fused.gradicon_analytic_loss(list(xs[:k]), list(xs[k:]), shape, stride, None, seed, scale)
             return fused.icon_loss(list(xs[:k]), list(xs[k:]), shape, None, seed, scale)
 
         def explicit(noise):
             def fn(backend, *xs):
-                if op == "gradicon":
+                if op in ("gradicon", "analytic"):
                     return gf.gradicon_loss(list(xs[:k]), list(xs[k:]), shape=shape, stride=stride, noise=noise,
-                                            noise_scale=scale, backend=backend)
+                                            noise_scale=scale, mode="fd" if op == "gradicon" else "analytic",
+                                            backend=backend)
                 return gf.icon_loss(list(xs[:k]), list(xs[k:]), shape=shape, noise=noise, noise_scale=scale,
                                     backend=backend)
             return fn
@@ -316,12 +341,13 @@ def test_seeded_noise_matches_reference(rng, d, dtype, stride):
         l = seeded("cuda", *xs)
         g = torch.autograd.grad(l, xs)
         tol = FD_TOL[dtype] if op == "gradicon" else TOL[dtype]
+        grad_tol = FD_TOL[dtype] if op != "analytic" or dtype == torch.float64 else 1e-4
         for noise, extra in ((gpu_noise, 0.0), (cpu_noise, 1e-4)):
             xs = leaves(ab + ba)
             l_ref = explicit(noise)("torch", *xs)
             g_ref = torch.autograd.grad(l_ref, xs)
             check(l.detach(), l_ref.detach(), tol + extra, f"{op} seeded loss")
-            check(list(g), list(g_ref), FD_TOL[dtype] + extra, f"{op} seeded grads")
+            check(list(g), list(g_ref), grad_tol + extra, f"{op} seeded grads")
         # the kernel's own draws equal the materialised noise exactly: same loss bit for bit
         xs = leaves(ab + ba)
         assert torch.equal(l.detach(), explicit(gpu_noise)("cuda", *xs).detach())
@@ -347,6 +373,7 @@ def test_partial_requires_grad(rng, d):
             img = image.clone().requires_grad_(not grad_fields)
             pts = points.clone().requires_grad_(True)
             total = (gf.gradicon_loss(xs[:k], xs[k:], shape=shape, stride=2, noise=sparse_noise, backend=backend)
+                     + gf.gradicon_loss(xs[:k], xs[k:], shape=shape, noise=noise, mode="analytic", backend=backend)
                      + gf.icon_loss(xs[:k], xs[k:], shape=shape, noise=noise, backend=backend)
                      + gf.transform_points(xs[:k], pts, backend=backend).square().sum()
                      + gf.warp(img, xs[k:], backend=backend).square().sum())
@@ -366,6 +393,8 @@ def test_longest_chains(rng, d):
     noise = cuda(torch.randn(1, d, *shape, generator=rng, dtype=torch.float64))
     for fn in (lambda backend, *xs: gf.gradicon_loss(list(xs[:8]), list(xs[8:]), shape=shape, noise=noise,
                                                      symmetric=True, backend=backend),
+               lambda backend, *xs: gf.gradicon_loss(list(xs[:8]), list(xs[8:]), shape=shape, noise=noise,
+                                                     mode="analytic", backend=backend),
                lambda backend, *xs: gf.icon_loss(list(xs[:8]), list(xs[8:]), shape=shape, noise=noise,
                                                  backend=backend)):
         (l, g), (l_ref, g_ref) = run_both(fn, ab + ba)
@@ -428,6 +457,9 @@ def test_half_precision_fields(rng, d, dtype):
         "warp": lambda *xs: gf.warp(xs[-1], list(xs[k:-2]), shape=shape, backend="cuda"),
         "gradicon": lambda *xs: gf.gradicon_loss(list(xs[:k]), list(xs[k:-2]), shape=shape, stride=2,
                                                  noise=sparse if xs[0].dtype == dtype else sparse.float(),
+                                                 backend="cuda"),
+        "analytic": lambda *xs: gf.gradicon_loss(list(xs[:k]), list(xs[k:-2]), shape=shape, mode="analytic",
+                                                 noise=noise if xs[0].dtype == dtype else noise.float(),
                                                  backend="cuda"),
         "icon": lambda *xs: gf.icon_loss(list(xs[:k]), list(xs[k:-2]), shape=shape,
                                          noise=noise if xs[0].dtype == dtype else noise.float(), backend="cuda"),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # compute-sanitizer over every CUDA op of gradicon_fast (forward and backward, 2D and 3D, float32,
-# float64 and float16, explicit and seeded noise, batch broadcasting, coarse fields that take the
+# float64 and float16, explicit and seeded noise, finite-difference and analytic GradICON, ICON, batch broadcasting, coarse fields that take the
 # warp-aggregated atomics, the longest chains).
 #
 #   benchmarks/gpu/sanitize.sh                    # memcheck, racecheck, synccheck, initcheck
@@ -82,6 +82,9 @@ for dtype in (torch.float32, torch.float64, torch.float16):
                 loss = gf.gradicon_loss(ab, ba, shape=shape, stride=stride, noise=noise, symmetric=True)
                 grads(loss, ab + ba)
                 grads(gf.gradicon_loss(ab, [f.detach() for f in ba], shape=shape, stride=stride, noise=noise), ab)
+                grads(gf.gradicon_loss(ab, ba, shape=shape, stride=stride, mode="analytic", generator=g), ab + ba)
+                grads(gf.gradicon_loss([f.detach() for f in ab], ba, shape=shape, stride=stride, mode="analytic",
+                                       noise=noise), ba)
             loss = gf.icon_loss(ab, ba, shape=shape, generator=torch.Generator(device=dev).manual_seed(3))
             grads(loss, ab + ba)
             grads(gf.icon_loss([f.detach() for f in ab], ba, shape=shape,
@@ -93,6 +96,8 @@ for dtype in (torch.float32, torch.float64, torch.float16):
     with gf.use_backend("cuda"):
         grads(gf.gradicon_loss(long_ab, long_ba, shape=(7, 6, 5), noise=torch.randn(1, 3, 7, 6, 5, dtype=dtype,
                                                                                     device=dev)), long_ab + long_ba)
+        grads(gf.gradicon_loss(long_ab, long_ba, shape=(7, 6, 5), mode="analytic",
+                               generator=torch.Generator(device=dev).manual_seed(2)), long_ab + long_ba)
         grads(gf.icon_loss(long_ab, long_ba, shape=(7, 6, 5), generator=torch.Generator(device=dev).manual_seed(1)),
               long_ab + long_ba)
 torch.cuda.synchronize()
