@@ -80,6 +80,7 @@ def relative_error(got, expected):
     """Norm-wise relative error ||got - expected|| / ||expected|| over tensors or lists of tensors."""
     if isinstance(got, torch.Tensor):
         got, expected = [got], [expected]
+    got, expected = [g.detach() for g in got], [e.detach() for e in expected]
     num = sum(float(((g.double() - e.double()) ** 2).sum()) for g, e in zip(got, expected))
     den = sum(float((e.double() ** 2).sum()) for e in expected)
     return (num / den) ** 0.5 if den > 0 else num ** 0.5
