@@ -48,6 +48,27 @@ def _signature(fn, args, kwargs):
     return signature, constexprs
 
 
+def _ptxas_usage(ptx: str, arch: int) -> str:
+    """Registers and spill bytes per thread of a kernel's PTX, as ``ptxas -v`` reports them."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        arch_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        done = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={arch_name}", src, "-o",
+                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    text = done.stdout + done.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores", text)
+    return f"regs={regs.group(1) if regs else '?'} spill_stores={spill.group(1) if spill else '?'}B"
+
+
 def _record_launches(quick: bool):
     from . import ops
 
@@ -84,6 +105,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
     parser.add_argument("--quick", action="store_true", help="3D float32 only")
+    parser.add_argument("--all-configs", action="store_true",
+                        help="every autotuning configuration (default: the first of each kernel)")
     opts = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot_check: unset TRITON_INTERPRET", file=sys.stderr)
@@ -99,7 +122,7 @@ def main(argv=None) -> int:
         kwargs = dict(kwargs)
         configs = [None]
         if isinstance(kernel, Autotuner):
-            configs = kernel.configs
+            configs = kernel.configs if opts.all_configs else kernel.configs[:1]
             kernel = kernel.fn
         for config in configs:
             kw = dict(kwargs)
@@ -116,12 +139,11 @@ def main(argv=None) -> int:
             start = time.time()
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                                       target=target, options={"num_warps": num_warps})
-            meta = compiled.metadata
             shown = {k: constexprs[k] for k in ("D", "NF", "BACKWARD", "F64", "BLOCK") if k in constexprs}
             dtype = signature.get("F0", signature.get("OUT", "?"))
-            print(f"{kernel.__name__:20s} {dtype:6s} {shown} warps={num_warps} "
-                  f"regs={getattr(compiled, 'n_regs', '?')} spills={getattr(compiled, 'n_spills', '?')} "
-                  f"shared={getattr(meta, 'shared', '?')} {time.time() - start:.1f}s", flush=True)
+            elapsed = time.time() - start
+            print(f"{kernel.__name__:18s} {dtype:6s} {shown} warps={num_warps} "
+                  f"{_ptxas_usage(compiled.asm['ptx'], opts.arch)} compile {elapsed:.1f}s", flush=True)
     return 0
 
 

@@ -19,11 +19,11 @@ Sizes are plain int arguments that Triton does not specialise on (``SIZE_ARGS`` 
 
 Evaluation and reverse pass
 ---------------------------
-``chain_forward`` moves E points (a tuple of D-tuples) through the fields, innermost first, and
-returns the positions each field was sampled at (the *stash*, kept in registers) for the
-reverse pass; ``chain_backward`` walks back outermost first, scatters ``∂L/∂field`` with
-atomic adds (``sampling.scatter_cells``) and carries the adjoint ``ā ← ā + J_s(y)ᵀ ā`` to the
-next field. Nothing is stored between the forward and the backward kernels: the backward
+``chain_forward`` moves a block of points (a D-tuple of ``[BLOCK, E]`` coordinates, E points
+travelling together per row) through the fields, innermost first, and returns the positions
+each field was sampled at (the *stash*, kept in registers) for the reverse pass;
+``chain_backward`` walks back outermost first, scatters ``∂L/∂field`` with atomic adds
+(``sampling.scatter``) and carries the adjoint ``ā ← ā + J_s(y)ᵀ ā`` to the next field. Nothing is stored between the forward and the backward kernels: the backward
 kernels run the forward pass again.
 """
 
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sampling import as_index, interpolate, interpolate_gradient, locate_cell, scatter_cells
+from .sampling import as_index, interpolate, interpolate_gradient, locate_cell, scatter
 
 MAX_FIELDS = 16
 SIZE_ARGS = [f"{axis}{j}" for j in range(MAX_FIELDS) for axis in "ABC"]
@@ -57,76 +57,52 @@ def field_at(fields, grads, sizes, SLOT: tl.constexpr, BATCHED: tl.constexpr, b,
 @triton.jit
 def sample_field(ptr, channel_stride, cell, D: tl.constexpr, CT: tl.constexpr, mask):
     """The D channels of a displacement field at a cell."""
-    if D == 3:
-        s = (interpolate(ptr, cell, D, CT, mask),
-             interpolate(ptr + channel_stride, cell, D, CT, mask),
-             interpolate(ptr + 2 * channel_stride, cell, D, CT, mask))
-    else:
-        s = (interpolate(ptr, cell, D, CT, mask), interpolate(ptr + channel_stride, cell, D, CT, mask))
+    s = ()
+    for ch in tl.static_range(D):
+        s = s + (interpolate(ptr + ch * channel_stride, cell, CT, mask),)
     return s
 
 
 @triton.jit
-def _step_points(pts, ptr, channel_stride, sz, E: tl.constexpr, D: tl.constexpr, CT: tl.constexpr,
-                 BIG: tl.constexpr, mask):
-    """y ← y + sample(field, y) for E points."""
-    out = ()
-    for e in tl.static_range(E):
-        cell = locate_cell(pts[e], sz, D, BIG)
-        s = sample_field(ptr, channel_stride, cell, D, CT, mask)
-        y = ()
-        for k in tl.static_range(D):
-            y = y + (pts[e][k] + s[k],)
-        out = out + (y,)
-    return out
-
-
-@triton.jit
 def chain_forward(pts, fields, grads, sizes, b, NF: tl.constexpr, ROT: tl.constexpr, BATCHED: tl.constexpr,
-                  E: tl.constexpr, D: tl.constexpr, CT: tl.constexpr, BIG: tl.constexpr, mask):
-    """φ at E points (an E-tuple of D-tuples). Returns (φ(points), stash); stash[jj] holds the
-    positions at which the composed chain's field NF-1-jj was sampled (application order)."""
+                  D: tl.constexpr, CT: tl.constexpr, BIG: tl.constexpr, mask):
+    """φ at points ``pts`` (a D-tuple of [BLOCK, E]); ``mask`` is [BLOCK, 1, 1]. Returns
+    (φ(points), stash); stash[jj] holds the positions at which the composed chain's field
+    NF-1-jj was sampled (application order)."""
     stash = ()
     for jj in tl.static_range(NF):
         ptr, _, sz, cs = field_at(fields, grads, sizes, (NF - 1 - jj + ROT) % NF, BATCHED, b, D, BIG)
         stash = stash + (pts,)
-        pts = _step_points(pts, ptr, cs, sz, E, D, CT, BIG, mask)
-    return pts, stash
-
-
-@triton.jit
-def _adjoint_step(a, ptr, channel_stride, cell, D: tl.constexpr, CT: tl.constexpr, mask):
-    """ā + J_s(y)ᵀ ā for one point: y' = y + s(y)."""
-    nxt = a
-    for ch in tl.static_range(D):
-        g = interpolate_gradient(ptr + ch * channel_stride, cell, D, CT, mask)
-        upd = ()
+        s = sample_field(ptr, cs, locate_cell(pts, sz, D, BIG), D, CT, mask)
+        nxt = ()
         for k in tl.static_range(D):
-            upd = upd + (nxt[k] + a[ch] * g[k],)
-        nxt = upd
-    return nxt
+            nxt = nxt + (pts[k] + s[k],)
+        pts = nxt
+    return pts, stash
 
 
 @triton.jit
 def chain_backward(adj, stash, fields, grads, sizes, b, NF: tl.constexpr, ROT: tl.constexpr,
                    BATCHED: tl.constexpr, GMASK: tl.constexpr, STOP: tl.constexpr, E: tl.constexpr,
                    D: tl.constexpr, CT: tl.constexpr, BIG: tl.constexpr, mask):
-    """Reverse pass of ``chain_forward``. ``adj`` (E-tuple of D-tuples) holds ∂L/∂φ(x_e) on entry;
-    field gradients are scattered into the slots whose ``GMASK`` bit is set. The adjoint is
-    carried through the composed chain's fields 0 … STOP-1; on return it is ∂L/∂(position at
-    which field STOP was sampled) — ∂L/∂x when STOP == NF."""
+    """Reverse pass of ``chain_forward``. ``adj`` (a D-tuple of [BLOCK, E]) holds ∂L/∂φ(x) on
+    entry; field gradients are scattered into the slots whose ``GMASK`` bit is set. The adjoint
+    is carried through the composed chain's fields 0 … STOP-1, as ā ← ā + J_s(y)ᵀ ā; on return
+    it is ∂L/∂(position at which field STOP was sampled), ∂L/∂x when STOP == NF."""
     for i in tl.static_range(NF):
         if i <= STOP:
             ptr, gptr, sz, cs = field_at(fields, grads, sizes, (i + ROT) % NF, BATCHED, b, D, BIG)
-            cells = ()
-            for e in tl.static_range(E):
-                cells = cells + (locate_cell(stash[NF - 1 - i][e], sz, D, BIG),)
+            cell = locate_cell(stash[NF - 1 - i], sz, D, BIG)
             if (GMASK >> ((i + ROT) % NF)) & 1:
-                scatter_cells(gptr, cs, cells, adj, E, D, mask)
+                scatter(gptr, cs, cell, adj, D, E, mask)
             if i < STOP:
-                nxt = ()
-                for e in tl.static_range(E):
-                    nxt = nxt + (_adjoint_step(adj[e], ptr, cs, cells[e], D, CT, mask),)
+                nxt = adj
+                for ch in tl.static_range(D):
+                    g = interpolate_gradient(ptr + ch * cs, cell, D, CT, mask)
+                    upd = ()
+                    for k in tl.static_range(D):
+                        upd = upd + (nxt[k] + adj[ch] * g[k],)
+                    nxt = upd
                 adj = nxt
     return adj
 

@@ -2,8 +2,8 @@
 
 ``L = Σ_k mean(g_k²)``, ``g_k = (e(x) - e(x + δ ê_k)) / δ``, ``e(x) = x - φ(x)``, φ = φ_AB∘φ_BA
 (the slots hold φ_AB's fields, then φ_BA's). Each point x travels through the composed chain
-with its d shifted copies (E = d + 1 points, in lockstep, so that their reads and gradient
-writes hit the same cells).
+with its d shifted copies, as the columns of [BLOCK, 4] coordinates (E = d + 1 points, padded to
+4), so that their reads and gradient writes hit the same cells together.
 
 * ``gradicon_forward`` (autotuned on GPU): program (t, b) sums Σ_k Σ_c g² over the TILE points
   of tile t of batch entry b, in BLOCK-sized steps, in the compute type, and writes one partial
@@ -23,29 +23,32 @@ from .tuning import forward_configs
 
 @triton.jit
 def _shifted(x, delta, D: tl.constexpr):
-    """(x, x + δ ê_0, …, x + δ ê_{d-1})."""
-    pts = (x,)
+    """The points (x, x + δ ê_0, …, x + δ ê_{d-1}) as the columns of [BLOCK, 4] coordinates (in 2D the
+    fourth column repeats x, with a zero adjoint)."""
+    col = tl.arange(0, 4)[None, :]
+    pts = ()
     for k in tl.static_range(D):
-        y = ()
-        for c in tl.static_range(D):
-            if c == k:
-                y = y + (x[c] + delta,)
-            else:
-                y = y + (x[c],)
-        pts = pts + (y,)
+        pts = pts + (x[k][:, None] + tl.where(col == k + 1, delta, 0.0),)
     return pts
 
 
 @triton.jit
+def _column(t, j):
+    """Column j of a [BLOCK, 4] tensor, [BLOCK] (exact: one term is not zero)."""
+    return tl.sum(tl.where(tl.arange(0, 4)[None, :] == j, t, 0.0), axis=1)
+
+
+@triton.jit
 def _fd_gradient_error(start, end, delta, D: tl.constexpr, CT: tl.constexpr):
-    """g[k][c] = ((start_0 - end_0) - (start_k+1 - end_k+1))[c] / δ, as a D-tuple of D-tuples."""
+    """g[k][c] = ((x - φ(x)) - (x_k - φ(x_k)))[c] / δ with x_k = x + δ ê_k: a D-tuple of D-tuples of [BLOCK]."""
+    e0 = ()
+    for c in tl.static_range(D):
+        e0 = e0 + (_column(start[c] - end[c], 0),)
     g = ()
     for k in tl.static_range(D):
         gk = ()
         for c in tl.static_range(D):
-            e0 = start[0][c] - end[0][c]
-            ek = start[k + 1][c] - end[k + 1][c]
-            gk = gk + (div_rn(e0 - ek, delta, CT),)
+            gk = gk + (div_rn(e0[c] - _column(start[c] - end[c], k + 1), delta, CT),)
         g = g + (gk,)
     return g
 
@@ -88,25 +91,23 @@ def _gradicon(
         x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, SEED, noise_scale, HAS_NOISE, D, CT,
                           mask)
         start = _shifted(x, delta, D)
-        end, stash = chain_forward(start, fields, grads, sizes, b, NF, 0, BATCHED, D + 1, D, CT, BIG, mask)
+        end, stash = chain_forward(start, fields, grads, sizes, b, NF, 0, BATCHED, D, CT, BIG, mask[:, None, None])
         g = _fd_gradient_error(start, end, delta, D, CT)
-        # ∂L/∂φ(x_e) for L = (grad / (B·d·N)) · Σ g².
+        # ∂L/∂φ(x_e) for L = (grad / (B·d·N)) · Σ g²: +v_kc at x_k, -Σ_k v_kc at x.
         scale = div_rn(tl.load(GRAD_LOSS).to(CT), COUNT.to(CT), CT)
         s = div_rn(2 * scale, delta, CT)
-        rest = ()
-        for k in tl.static_range(D):
-            ak = ()
-            for c in tl.static_range(D):
-                ak = ak + (g[k][c] * s,)
-            rest = rest + (ak,)
-        a0 = ()
+        col = tl.arange(0, 4)[None, :]
+        adj = ()
         for c in tl.static_range(D):
-            v = tl.zeros_like(x[0])
+            first = tl.zeros_like(x[0])
+            a = tl.zeros_like(start[0])
             for k in tl.static_range(D):
-                v -= rest[k][c]
-            a0 = a0 + (v,)
-        adj = (a0,) + rest
-        chain_backward(adj, stash, fields, grads, sizes, b, NF, 0, BATCHED, GMASK, STOP, D + 1, D, CT, BIG, mask)
+                v = g[k][c] * s
+                first -= v
+                a += tl.where(col == k + 1, v[:, None], 0.0)
+            adj = adj + (a + tl.where(col == 0, first[:, None], 0.0),)
+        chain_backward(adj, stash, fields, grads, sizes, b, NF, 0, BATCHED, GMASK, STOP, 4, D, CT, BIG,
+                       mask[:, None, None])
     else:
         tile = as_index(tl.program_id(0), BIG) * TILE
         acc = tl.zeros((BLOCK,), CT)
@@ -116,7 +117,7 @@ def _gradicon(
             x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, SEED, noise_scale, HAS_NOISE, D,
                               CT, mask)
             start = _shifted(x, delta, D)
-            end, _ = chain_forward(start, fields, grads, sizes, b, NF, 0, BATCHED, D + 1, D, CT, BIG, mask)
+            end, _ = chain_forward(start, fields, grads, sizes, b, NF, 0, BATCHED, D, CT, BIG, mask[:, None, None])
             g = _fd_gradient_error(start, end, delta, D, CT)
             sq = tl.zeros_like(acc)
             for k in tl.static_range(D):
@@ -129,6 +130,6 @@ def _gradicon(
 _NO_SPECIALIZE = ["N", "W0", "W1", "W2", "P0", "P1", "P2", "STRIDE", "SEED", "NOISE_SCALE_BITS", "DELTA_BITS",
                   "COUNT", *SIZE_ARGS]
 
-gradicon_forward = triton.autotune(configs=forward_configs(), key=["N", "NF", "D"])(
+gradicon_forward = triton.autotune(configs=forward_configs(4), key=["N", "NF", "D"])(
     triton.jit(_gradicon, do_not_specialize=_NO_SPECIALIZE))
 gradicon_backward = triton.jit(_gradicon, do_not_specialize=_NO_SPECIALIZE)

@@ -19,6 +19,15 @@ from .sampling import as_index, div_rn
 from .tuning import forward_configs
 
 
+@triton.jit
+def _column_points(x, D: tl.constexpr):
+    """A D-tuple of [BLOCK] coordinates as [BLOCK, 1] (one point per row)."""
+    out = ()
+    for k in tl.static_range(D):
+        out = out + (x[k][:, None],)
+    return out
+
+
 def _icon(
     NOISE, PARTIAL, GRAD_LOSS, N, W0, W1, W2, SEED, NOISE_SCALE_BITS, COUNT,
     F0, G0, A0, B0, C0,
@@ -54,37 +63,39 @@ def _icon(
     if BACKWARD:
         offs = as_index(tl.program_id(0), BIG) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
+        mask3 = mask[:, None, None]
         x = penalty_point(offs, grid, grid, 1, NOISE, n, SEED, noise_scale, HAS_NOISE, D, CT, mask)
+        x = _column_points(x, D)
         scale = div_rn(2 * tl.load(GRAD_LOSS).to(CT), COUNT.to(CT), CT)
         if STOP_AB >= 0:
-            y, stash = chain_forward((x,), fields, grads, sizes, b, NF, 0, BATCHED, 1, D, CT, BIG, mask)
+            y, stash = chain_forward(x, fields, grads, sizes, b, NF, 0, BATCHED, D, CT, BIG, mask3)
             a = ()
             for k in tl.static_range(D):
-                a = a + (-scale * (x[k] - y[0][k]),)
-            chain_backward((a,), stash, fields, grads, sizes, b, NF, 0, BATCHED, GMASK, STOP_AB, 1, D, CT, BIG,
-                           mask)
+                a = a + (-scale * (x[k] - y[k]),)
+            chain_backward(a, stash, fields, grads, sizes, b, NF, 0, BATCHED, GMASK, STOP_AB, 1, D, CT, BIG, mask3)
         if STOP_BA >= 0:
-            y, stash = chain_forward((x,), fields, grads, sizes, b, NF, NA, BATCHED, 1, D, CT, BIG, mask)
+            y, stash = chain_forward(x, fields, grads, sizes, b, NF, NA, BATCHED, D, CT, BIG, mask3)
             a = ()
             for k in tl.static_range(D):
-                a = a + (-scale * (x[k] - y[0][k]),)
-            chain_backward((a,), stash, fields, grads, sizes, b, NF, NA, BATCHED, GMASK, STOP_BA, 1, D, CT, BIG,
-                           mask)
+                a = a + (-scale * (x[k] - y[k]),)
+            chain_backward(a, stash, fields, grads, sizes, b, NF, NA, BATCHED, GMASK, STOP_BA, 1, D, CT, BIG, mask3)
     else:
         tile = as_index(tl.program_id(0), BIG) * TILE
         acc = tl.zeros((BLOCK,), CT)
         for t in range(0, TILE, BLOCK):
             offs = tile + t + tl.arange(0, BLOCK)
             mask = offs < n
+            mask3 = mask[:, None, None]
             x = penalty_point(offs, grid, grid, 1, NOISE, n, SEED, noise_scale, HAS_NOISE, D, CT, mask)
-            y1, _ = chain_forward((x,), fields, grads, sizes, b, NF, 0, BATCHED, 1, D, CT, BIG, mask)
-            y2, _ = chain_forward((x,), fields, grads, sizes, b, NF, NA, BATCHED, 1, D, CT, BIG, mask)
-            sq = tl.zeros_like(acc)
+            x = _column_points(x, D)
+            y1, _ = chain_forward(x, fields, grads, sizes, b, NF, 0, BATCHED, D, CT, BIG, mask3)
+            y2, _ = chain_forward(x, fields, grads, sizes, b, NF, NA, BATCHED, D, CT, BIG, mask3)
+            sq = tl.zeros_like(x[0])
             for k in tl.static_range(D):
-                e1 = x[k] - y1[0][k]
-                e2 = x[k] - y2[0][k]
+                e1 = x[k] - y1[k]
+                e2 = x[k] - y2[k]
                 sq += e1 * e1 + e2 * e2
-            acc += tl.where(mask, sq, 0.0)
+            acc += tl.where(mask, tl.sum(sq, axis=1), 0.0)
         tl.store(PARTIAL + b * tl.num_programs(0) + tl.program_id(0), tl.sum(acc, axis=0))
 
 

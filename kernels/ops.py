@@ -26,7 +26,7 @@ from .icon import icon_backward, icon_forward
 from .noise import normal_noise_kernel
 from .penalty_points import float_bits
 from .transform_points import transform_points_backward, transform_points_forward
-from .tuning import BLOCK, NUM_WARPS, TILE, interpreted
+from .tuning import NUM_WARPS, TILE, backward_block, interpreted, noise_block
 from .warp import warp_backward, warp_forward
 
 Tensor = torch.Tensor
@@ -140,7 +140,8 @@ def _transform_points(chain: list[Tensor], points: Tensor) -> Tensor:
     if n == 0:
         return out
     slots, batched = slot_args(fields, [None] * len(fields), batch)
-    _launch(transform_points_forward, lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch),
+    _launch(
+        transform_points_forward, lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch),
         x, out, x, x, n, *slots, NF=len(fields), BATCHED=batched, GMASK=0, STOP=-1,
         X_BATCHED=x.shape[0] != 1, BACKWARD=False, POINT_GRAD=False, **_common(d, x.dtype, is_big(x, out, *fields)))
     return out
@@ -161,11 +162,13 @@ def _transform_points_backward(grad: Tensor, chain: list[Tensor], points: Tensor
     stop = stop_index(list(chain_needs_grad), points_needs_grad)
     if stop >= 0 and n > 0:
         slots, batched = slot_args(fields, buffers, batch)
-        _launch(transform_points_backward, (triton.cdiv(n, BLOCK), batch),
+        block = backward_block(d)
+        _launch(
+            transform_points_backward, (triton.cdiv(n, block), batch),
             x, x, grad, grad_x if grad_x is not None else x, n, *slots, NF=len(fields), BATCHED=batched,
             GMASK=grad_mask(chain_needs_grad), STOP=stop, X_BATCHED=x.shape[0] != 1, BACKWARD=True,
             POINT_GRAD=points_needs_grad, **_common(d, x.dtype, is_big(x, grad, *fields)),
-            BLOCK=BLOCK, num_warps=NUM_WARPS)
+            BLOCK=block, num_warps=NUM_WARPS)
     if grad_x is None:
         grad_x = x.new_empty((0,))
     elif x.shape[0] != batch:
@@ -192,7 +195,8 @@ def _warp(image: Tensor, chain: list[Tensor], shape: list[int]) -> Tensor:
     out = img.new_empty(out_shape)
     n = math.prod(shape)
     slots, batched = slot_args(fields, [None] * len(fields), batch)
-    _launch(warp_forward, lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch),
+    _launch(
+        warp_forward, lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch),
         img, out, img, img, img.shape[1], n, *_padded(img.shape[2:]), *_padded(shape), *slots, NF=len(fields),
         BATCHED=batched, GMASK=0, STOP=-1, IMG_BATCHED=img.shape[0] != 1, BACKWARD=False, IMAGE_GRAD=False,
         **_common(d, img.dtype, is_big(img, out, *fields)))
@@ -212,11 +216,13 @@ def _warp_backward(grad: Tensor, image: Tensor, chain: list[Tensor], shape: list
     stop = stop_index(list(chain_needs_grad), False)
     if stop >= 0 or image_needs_grad:
         slots, batched = slot_args(fields, buffers, batch)
-        _launch(warp_backward, (triton.cdiv(n, BLOCK), batch),
+        block = backward_block(d)
+        _launch(
+            warp_backward, (triton.cdiv(n, block), batch),
             img, img, grad, grad_img if grad_img is not None else img, img.shape[1], n, *_padded(img.shape[2:]),
             *_padded(shape), *slots, NF=len(fields), BATCHED=batched, GMASK=grad_mask(chain_needs_grad), STOP=stop,
             IMG_BATCHED=img.shape[0] != 1, BACKWARD=True, IMAGE_GRAD=image_needs_grad,
-            **_common(d, img.dtype, is_big(img, grad, *fields)), BLOCK=BLOCK, num_warps=NUM_WARPS)
+            **_common(d, img.dtype, is_big(img, grad, *fields)), BLOCK=block, num_warps=NUM_WARPS)
     grad_image = grad_img.to(img.dtype) if grad_img is not None else img.new_empty((0,))
     return grad_image, _returned(buffers, fields)
 
@@ -240,7 +246,8 @@ def _gradicon_launch(kernel, grid, fields, buffers, batch, d, shape, stride, noi
     n = math.prod(counts)
     noise_arg, has_noise = _noise_arg(noise, d, counts, fields[0])
     slots, batched = slot_args(fields, buffers, batch)
-    _launch(kernel, grid(n),
+    _launch(
+        kernel, grid(n),
         noise_arg, partial, grad_loss, n, *_padded(shape), *_padded(counts), int(stride), int(seed),
         float_bits(noise_scale), float_bits(delta), batch * d * n, *slots, NF=len(fields), BATCHED=batched,
         GMASK=gmask, STOP=stop, HAS_NOISE=has_noise, BACKWARD=backward,
@@ -266,9 +273,10 @@ def _gradicon_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain_ba: list
     buffers = _grad_buffers(fields, needs)
     stop = stop_index(needs, False)
     if stop >= 0:
-        _gradicon_launch(gradicon_backward, lambda n: (triton.cdiv(n, BLOCK), batch), fields, buffers, batch, d,
+        block = backward_block(d, 4)
+        _gradicon_launch(gradicon_backward, lambda n: (triton.cdiv(n, block), batch), fields, buffers, batch, d,
                          shape, stride, noise, seed, delta, noise_scale, fields[0], grad.contiguous(),
-                         grad_mask(needs), stop, True, {"BLOCK": BLOCK, "num_warps": NUM_WARPS})
+                         grad_mask(needs), stop, True, {"BLOCK": block, "num_warps": NUM_WARPS})
     grads = _returned(buffers, fields)
     return grads[:len(chain_ab)], grads[len(chain_ab):]
 
@@ -279,7 +287,8 @@ def _icon_launch(kernel, grid, fields, buffers, n_ab, batch, d, shape, noise, se
     n = math.prod(counts)
     noise_arg, has_noise = _noise_arg(noise, d, counts, fields[0])
     slots, batched = slot_args(fields, buffers, batch)
-    _launch(kernel, grid(n),
+    _launch(
+        kernel, grid(n),
         noise_arg, partial, grad_loss, n, *_padded(shape), int(seed), float_bits(noise_scale), batch * d * n,
         *slots, NF=len(fields), NA=n_ab, BATCHED=batched, GMASK=gmask, STOP_AB=stop_ab, STOP_BA=stop_ba,
         HAS_NOISE=has_noise, BACKWARD=backward, **_common(d, fields[0].dtype, is_big(noise_arg, *fields)),
@@ -305,9 +314,10 @@ def _icon_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain_ba: list[Ten
     buffers = _grad_buffers(fields, ab + ba)
     stop_ab, stop_ba = stop_index(ab + ba, False), stop_index(ba + ab, False)
     if stop_ab >= 0:
-        _icon_launch(icon_backward, lambda n: (triton.cdiv(n, BLOCK), batch), fields, buffers, len(chain_ab), batch,
+        block = backward_block(d)
+        _icon_launch(icon_backward, lambda n: (triton.cdiv(n, block), batch), fields, buffers, len(chain_ab), batch,
                      d, shape, noise, seed, noise_scale, fields[0], grad.contiguous(), grad_mask(ab + ba), stop_ab,
-                     stop_ba, True, {"BLOCK": BLOCK, "num_warps": NUM_WARPS})
+                     stop_ba, True, {"BLOCK": block, "num_warps": NUM_WARPS})
     grads = _returned(buffers, fields)
     return grads[:len(chain_ab)], grads[len(chain_ab):]
 
@@ -316,8 +326,9 @@ def _normal_noise(seed: int, d: int, points_shape: list[int], dtype: torch.dtype
     out = torch.empty((1, d, *points_shape), dtype=dtype, device=device)
     n = math.prod(points_shape)
     if n:
-        _launch(normal_noise_kernel, (triton.cdiv(n, BLOCK),), out, n, int(seed), D=d, BIG=is_big(out), BLOCK=BLOCK,
-                                                             num_warps=NUM_WARPS)
+        block = noise_block()
+        _launch(normal_noise_kernel, (triton.cdiv(n, block),), out, n, int(seed), D=d, BIG=is_big(out), BLOCK=block,
+                num_warps=NUM_WARPS)
     return out
 
 

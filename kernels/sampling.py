@@ -2,18 +2,24 @@
 
 The same math as ``csrc/sampling.h``: a coordinate x in [0, 1] on an axis of ``size`` voxels is
 the continuous index ``p = x * (size - 1)`` clamped to ``[0, size - 1]`` (border padding,
-align-corners); interpolation is separable linear, last axis first; the derivative of the clamp
-is ``size - 1`` strictly inside and 0 at or beyond the border (as in grid_sample's backward).
+align-corners); interpolation is (bi/tri)linear; the derivative of the clamp is ``size - 1``
+strictly inside and 0 at or beyond the border (as in grid_sample's backward).
 
-Every helper works on one block of points at once: a coordinate is a ``[BLOCK]`` tensor, a point
-is a tuple of D coordinates (axis order, channel k = axis k), a *cell* is the tuple
-``(base, steps, fracs, dpdx)`` that says where a point falls in one sampled tensor:
+Shapes. The helpers work on a block of points at once, each point possibly with E companions
+that travel with it (GradICON's x and x + δ ê_k): a coordinate is a ``[BLOCK, E]`` tensor and a
+point a D-tuple of them (axis order; channel k = axis k). A *cell* says where the points fall in
+one sampled tensor, with the 2^D corners of each point along a third axis:
 
-* ``base``  element offset of the lower corner inside one channel;
-* ``steps`` per axis, the element offset from the lower to the upper corner (0 when the lower
-  corner is the last voxel, so that every read stays inside the tensor);
-* ``fracs`` per axis, the position inside the cell, in [0, 1);
-* ``dpdx``  per axis, d(clamped index)/dx.
+* ``offsets`` ``[BLOCK, E, 2^D]`` element offsets of the corners inside one channel (a corner
+  beyond the last voxel repeats it, so every access stays inside the tensor);
+* ``weights`` ``[BLOCK, E, 2^D]`` interpolation weights, Π_k (frac_k or 1 - frac_k);
+* ``fracs``, ``dpdx``: D-tuples of ``[BLOCK, E]``, the position inside the cell and
+  d(clamped index)/dx per axis.
+
+Corner c takes the upper neighbour along axis k when bit D-1-k of c is set. A sampled value is
+one gather of the 2^D corners and a weighted sum; a gradient scatter is one atomic add of the
+2^D weighted adjoints. Keeping the corners in a tensor axis (instead of 2^D separate loads)
+keeps the kernels' instruction count, and Triton's compile time, small.
 
 Values are loaded in the tensor's dtype and converted to the compute type ``CT`` (float32, or
 float64 for float64 tensors); offsets are int32, or int64 when ``BIG`` (a tensor with 2^31
@@ -70,144 +76,87 @@ def locate_axis(x, size):
 
 
 @triton.jit
+def _upper(D: tl.constexpr, K: tl.constexpr):
+    """[1, 1, 2^D]: whether corner c takes the upper neighbour along axis K."""
+    c = tl.arange(0, 1 << D)[None, None, :]
+    return ((c >> (D - 1 - K)) & 1) != 0
+
+
+@triton.jit
+def _factor(frac, up):
+    """Per corner, the weight factor of one axis: frac or 1 - frac."""
+    f = frac[:, :, None]
+    return tl.where(up, f, 1 - f)
+
+
+@triton.jit
 def locate_cell(y, sz, D: tl.constexpr, BIG: tl.constexpr):
-    """The cell of points ``y`` (a D-tuple) in a contiguous grid of sizes ``sz`` (axis order)."""
-    if D == 3:
-        i0, f0, n0, d0 = locate_axis(y[0], sz[0])
-        i1, f1, n1, d1 = locate_axis(y[1], sz[1])
-        i2, f2, n2, d2 = locate_axis(y[2], sz[2])
-        s1 = as_index(sz[2], BIG)
-        s0 = s1 * sz[1]
-        base = as_index(i0, BIG) * s0 + as_index(i1, BIG) * s1 + as_index(i2, BIG)
-        steps = (tl.where(n0, s0, 0), tl.where(n1, s1, 0), tl.where(n2, 1, 0))
-        fracs = (f0, f1, f2)
-        dpdx = (d0, d1, d2)
-    else:
-        i0, f0, n0, d0 = locate_axis(y[0], sz[0])
-        i1, f1, n1, d1 = locate_axis(y[1], sz[1])
-        s0 = as_index(sz[1], BIG)
-        base = as_index(i0, BIG) * s0 + as_index(i1, BIG)
-        steps = (tl.where(n0, s0, 0), tl.where(n1, 1, 0))
-        fracs = (f0, f1)
-        dpdx = (d0, d1)
-    return base, steps, fracs, dpdx
+    """The cell (offsets, weights, fracs, dpdx) of points ``y`` in a contiguous grid of sizes ``sz``."""
+    stride = as_index(tl.full([], 1, tl.int32), BIG)
+    offsets = tl.zeros((1, 1, 1 << D), tl.int32)
+    if BIG:
+        offsets = offsets.to(tl.int64)
+    fracs = ()
+    dpdx = ()
+    for kk in tl.static_range(D):
+        # Axes from the last (stride 1) to the first.
+        index, frac, has_next, dp = locate_axis(y[D - 1 - kk], sz[D - 1 - kk])
+        up = _upper(D, D - 1 - kk) & has_next[:, :, None]
+        offsets = offsets + (as_index(index, BIG) * stride)[:, :, None] + tl.where(up, stride, 0)
+        stride = stride * sz[D - 1 - kk]
+        fracs = (frac,) + fracs
+        dpdx = (dp,) + dpdx
+    weights = _factor(fracs[0], _upper(D, 0))
+    for k in tl.static_range(1, D):
+        weights = weights * _factor(fracs[k], _upper(D, k))
+    return offsets, weights, fracs, dpdx
 
 
 @triton.jit
-def same_cell(a, b, D: tl.constexpr):
-    """Per point: do cells ``a`` and ``b`` have the same corners?"""
-    same = a[0] == b[0]
-    for k in tl.static_range(D):
-        same = same & (a[1][k] == b[1][k])
-    return same
+def _gather(ptr, cell, mask, CT: tl.constexpr):
+    """The 2^D corner values of one channel, [BLOCK, E, 2^D]; ``mask`` is [BLOCK, 1, 1]."""
+    return tl.load(ptr + cell[0], mask=mask, other=0.0).to(CT)
 
 
 @triton.jit
-def lerp(a, b, t):
-    return a + t * (b - a)
-
-
-@triton.jit
-def _load(ptr, mask, CT: tl.constexpr):
-    return tl.load(ptr, mask=mask, other=0.0).to(CT)
-
-
-@triton.jit
-def interpolate(ptr, cell, D: tl.constexpr, CT: tl.constexpr, mask):
-    """Value of one channel (``ptr`` at its first voxel) at ``cell``."""
-    p = ptr + cell[0]
-    st = cell[1]
-    fr = cell[2]
-    if D == 3:
-        c00 = lerp(_load(p, mask, CT), _load(p + st[2], mask, CT), fr[2])
-        c01 = lerp(_load(p + st[1], mask, CT), _load(p + st[1] + st[2], mask, CT), fr[2])
-        c10 = lerp(_load(p + st[0], mask, CT), _load(p + st[0] + st[2], mask, CT), fr[2])
-        c11 = lerp(_load(p + st[0] + st[1], mask, CT), _load(p + st[0] + st[1] + st[2], mask, CT), fr[2])
-        value = lerp(lerp(c00, c01, fr[1]), lerp(c10, c11, fr[1]), fr[0])
-    else:
-        c0 = lerp(_load(p, mask, CT), _load(p + st[1], mask, CT), fr[1])
-        c1 = lerp(_load(p + st[0], mask, CT), _load(p + st[0] + st[1], mask, CT), fr[1])
-        value = lerp(c0, c1, fr[0])
-    return value
+def interpolate(ptr, cell, CT: tl.constexpr, mask):
+    """Value of one channel (``ptr`` at its first voxel) at the cell's points, [BLOCK, E]."""
+    return tl.sum(_gather(ptr, cell, mask, CT) * cell[1], axis=2)
 
 
 @triton.jit
 def interpolate_gradient(ptr, cell, D: tl.constexpr, CT: tl.constexpr, mask):
     """Gradient of one channel with respect to the coordinates: a D-tuple, entry k = ∂f/∂x_k."""
-    p = ptr + cell[0]
-    st = cell[1]
-    fr = cell[2]
-    dp = cell[3]
-    if D == 3:
-        v000 = _load(p, mask, CT)
-        v001 = _load(p + st[2], mask, CT)
-        v010 = _load(p + st[1], mask, CT)
-        v011 = _load(p + st[1] + st[2], mask, CT)
-        v100 = _load(p + st[0], mask, CT)
-        v101 = _load(p + st[0] + st[2], mask, CT)
-        v110 = _load(p + st[0] + st[1], mask, CT)
-        v111 = _load(p + st[0] + st[1] + st[2], mask, CT)
-        c00 = lerp(v000, v001, fr[2])
-        c01 = lerp(v010, v011, fr[2])
-        c10 = lerp(v100, v101, fr[2])
-        c11 = lerp(v110, v111, fr[2])
-        g0 = (lerp(c10, c11, fr[1]) - lerp(c00, c01, fr[1])) * dp[0]
-        g1 = lerp(c01 - c00, c11 - c10, fr[0]) * dp[1]
-        g2 = lerp(lerp(v001 - v000, v011 - v010, fr[1]), lerp(v101 - v100, v111 - v110, fr[1]), fr[0]) * dp[2]
-        grad = (g0, g1, g2)
-    else:
-        v00 = _load(p, mask, CT)
-        v01 = _load(p + st[1], mask, CT)
-        v10 = _load(p + st[0], mask, CT)
-        v11 = _load(p + st[0] + st[1], mask, CT)
-        g0 = (lerp(v10, v11, fr[1]) - lerp(v00, v01, fr[1])) * dp[0]
-        g1 = lerp(v01 - v00, v11 - v10, fr[0]) * dp[1]
-        grad = (g0, g1)
+    v = _gather(ptr, cell, mask, CT)
+    grad = ()
+    for k in tl.static_range(D):
+        dw = tl.where(_upper(D, k), 1.0, -1.0)
+        for j in tl.static_range(D):
+            if j != k:
+                dw = dw * _factor(cell[2][j], _upper(D, j))
+        grad = grad + (tl.sum(v * dw, axis=2) * cell[3][k],)
     return grad
 
 
 @triton.jit
-def corner(cell, CORNER: tl.constexpr, D: tl.constexpr):
-    """(weight, element offset) of corner ``CORNER`` of a cell; bit D-1-k set = upper along axis k."""
-    w = tl.full(cell[2][0].shape, 1.0, cell[2][0].dtype)
-    offset = cell[0]
-    for k in tl.static_range(D):
-        if (CORNER >> (D - 1 - k)) & 1:
-            w = w * cell[2][k]
-            offset = offset + cell[1][k]
-        else:
-            w = w * (1 - cell[2][k])
-    return w, offset
-
-
-@triton.jit
-def scatter_cell(gptr, channel_stride, cell, a, C: tl.constexpr, D: tl.constexpr, mask):
-    """grad[ch][corners of cell] += a[ch] * weight for the C channels of ``a`` (atomic)."""
-    for c in tl.static_range(1 << D):
-        w, offset = corner(cell, c, D)
-        for ch in tl.static_range(C):
-            tl.atomic_add(gptr + ch * channel_stride + offset, a[ch] * w, mask=mask, sem="relaxed")
-
-
-@triton.jit
-def scatter_cells(gptr, channel_stride, cells, a, E: tl.constexpr, D: tl.constexpr, mask):
-    """Scatter of E points travelling together (GradICON's x and x + δ ê_k): ``cells`` and ``a`` are
-    E-tuples. Where all E points lie in the same cell (the common case) their contributions are
-    summed first and every voxel gets one atomic add instead of E."""
+def scatter(gptr, channel_stride, cell, a, C: tl.constexpr, E: tl.constexpr, mask):
+    """grad[ch][corners] += a[ch] * weight for the C channels of ``a`` (a C-tuple of [BLOCK, E]),
+    by atomic adds. With E > 1 companions, where all E points of a row lie in the same cell (the
+    common case for x and x + δ ê_k) their contributions are summed first and each voxel gets one
+    atomic add instead of E."""
+    offsets = cell[0]
+    weights = cell[1]
     if E == 1:
-        scatter_cell(gptr, channel_stride, cells[0], a[0], D, D, mask)
+        for ch in tl.static_range(C):
+            tl.atomic_add(gptr + ch * channel_stride + offsets, a[ch][:, :, None] * weights, mask=mask,
+                          sem="relaxed")
     else:
-        merged = mask
-        for e in tl.static_range(1, E):
-            merged = merged & same_cell(cells[0], cells[e], D)
-        for c in tl.static_range(1 << D):
-            w0, offset = corner(cells[0], c, D)
-            for ch in tl.static_range(D):
-                v = a[0][ch] * w0
-                for e in tl.static_range(1, E):
-                    we, _ = corner(cells[e], c, D)
-                    v += tl.where(merged, a[e][ch] * we, 0.0)
-                tl.atomic_add(gptr + ch * channel_stride + offset, v, mask=mask, sem="relaxed")
-        apart = mask & (merged == 0)
-        for e in tl.static_range(1, E):
-            scatter_cell(gptr, channel_stride, cells[e], a[e], D, D, apart)
+        lowest = tl.min(offsets, axis=1)  # [BLOCK, 2^D]
+        merged = tl.max(tl.max(offsets, axis=1) - lowest, axis=1) == 0  # [BLOCK]
+        together = mask & merged[:, None, None]
+        apart = mask & (merged == 0)[:, None, None]
+        for ch in tl.static_range(C):
+            contrib = a[ch][:, :, None] * weights
+            tl.atomic_add(gptr + ch * channel_stride + lowest[:, None, :], tl.sum(contrib, axis=1)[:, None, :],
+                          mask=together, sem="relaxed")
+            tl.atomic_add(gptr + ch * channel_stride + offsets, contrib, mask=apart, sem="relaxed")

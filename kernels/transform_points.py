@@ -53,19 +53,20 @@ def _transform_points(
         xrow = row * 0
     x = ()
     for k in tl.static_range(D):
-        x = x + (tl.load(X + xrow + k * n + offs, mask=mask, other=0.0).to(CT),)
-    end, stash = chain_forward((x,), fields, grads, sizes, b, NF, 0, BATCHED, 1, D, CT, BIG, mask)
+        x = x + (tl.load(X + xrow + k * n + offs, mask=mask, other=0.0).to(CT)[:, None],)
+    end, stash = chain_forward(x, fields, grads, sizes, b, NF, 0, BATCHED, D, CT, BIG, mask[:, None, None])
     if BACKWARD:
         a = ()
         for k in tl.static_range(D):
-            a = a + (tl.load(GRAD_OUT + row + k * n + offs, mask=mask, other=0.0).to(CT),)
-        a = chain_backward((a,), stash, fields, grads, sizes, b, NF, 0, BATCHED, GMASK, STOP, 1, D, CT, BIG, mask)
+            a = a + (tl.load(GRAD_OUT + row + k * n + offs, mask=mask, other=0.0).to(CT)[:, None],)
+        a = chain_backward(a, stash, fields, grads, sizes, b, NF, 0, BATCHED, GMASK, STOP, 1, D, CT, BIG,
+                           mask[:, None, None])
         if POINT_GRAD:
             for k in tl.static_range(D):
-                tl.store(GRAD_X + row + k * n + offs, a[0][k].to(GRAD_X.dtype.element_ty), mask=mask)
+                tl.store(GRAD_X + row + k * n + offs, tl.sum(a[k], axis=1).to(GRAD_X.dtype.element_ty), mask=mask)
     else:
         for k in tl.static_range(D):
-            tl.store(OUT + row + k * n + offs, end[0][k].to(OUT.dtype.element_ty), mask=mask)
+            tl.store(OUT + row + k * n + offs, tl.sum(end[k], axis=1).to(OUT.dtype.element_ty), mask=mask)
 
 
 _NO_SPECIALIZE = ["N", *SIZE_ARGS]

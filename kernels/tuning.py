@@ -1,10 +1,18 @@
 """Launch configurations of the Triton kernels.
 
+The kernels hold, per program, tensors of ``BLOCK × E × 2^D`` corner values (E points travelling
+together per row: 4 for GradICON, 1 otherwise); register use grows with the elements per thread,
+``BLOCK · E · 2^D / (32 · num_warps)``, and with the number of fields (the reverse pass keeps the
+positions of every field). The block sizes below keep that at 2 … 8 elements per thread; ptxas
+reports (``python -m gradicon_fast.kernels.aot_check``) 90 … 255 registers and no spills for
+chains of up to 4 + 4 fields at these sizes (sm_90).
+
 Forward kernels that write each output once (``transform_points``, ``warp``, and the penalties'
-loss kernels, whose per-program partial sums do not depend on the block size) are autotuned on
-GPU over a few block sizes and warp counts. Backward kernels add into gradient buffers with
-atomics, so a tuning run would add twice: they run one fixed configuration. Under
-``TRITON_INTERPRET=1`` every kernel runs a single configuration, to keep the interpreter fast.
+loss kernels, whose per-program partial sums cover a fixed TILE of points whatever the block)
+are autotuned on GPU over a few block sizes and warp counts. Backward kernels add into gradient
+buffers with atomics, so a tuning run would add twice: they run one fixed configuration. Under
+``TRITON_INTERPRET=1`` every kernel runs one large block, which is what keeps the interpreter
+fast.
 """
 
 import os
@@ -16,20 +24,30 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# One configuration for the kernels that are not tuned (and for everything when interpreted).
-BLOCK = 128 if not interpreted() else 256
 NUM_WARPS = 4
+_INTERPRETER_BLOCK = 256
 # Points one program of a penalty's loss kernel sums over (a multiple of every tuned BLOCK), so
 # that the partial sums' layout does not depend on the configuration.
-TILE = 1024 if not interpreted() else BLOCK
+TILE = 1024 if not interpreted() else _INTERPRETER_BLOCK
 
 
-def forward_configs():
+def backward_block(d: int, e: int = 1) -> int:
+    """BLOCK of a backward kernel whose rows carry ``e`` points of a ``d``-dimensional chain."""
     if interpreted():
-        return [triton.Config({"BLOCK": BLOCK}, num_warps=NUM_WARPS)]
-    return [
-        triton.Config({"BLOCK": 64}, num_warps=2),
-        triton.Config({"BLOCK": 128}, num_warps=4),
-        triton.Config({"BLOCK": 256}, num_warps=4),
-        triton.Config({"BLOCK": 256}, num_warps=8),
-    ]
+        return _INTERPRETER_BLOCK
+    return max(8, 256 // (e * 2**d))
+
+
+def noise_block() -> int:
+    return _INTERPRETER_BLOCK if interpreted() else 128
+
+
+def forward_configs(e: int = 1):
+    """Autotuning configurations of a forward kernel whose rows carry ``e`` points."""
+    if interpreted():
+        return [triton.Config({"BLOCK": _INTERPRETER_BLOCK}, num_warps=NUM_WARPS)]
+    if e == 1:
+        pairs = [(32, 4), (64, 2), (64, 4), (128, 4)]
+    else:
+        pairs = [(8, 2), (16, 2), (16, 4), (32, 4)]
+    return [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in pairs]

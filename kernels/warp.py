@@ -10,21 +10,21 @@ import triton
 import triton.language as tl
 
 from .chain import SIZE_ARGS, chain_backward, chain_forward
-from .sampling import (as_index, grid_coordinate, interpolate, interpolate_gradient, locate_cell,
-                       scatter_cell)
+from .sampling import as_index, grid_coordinate, interpolate, interpolate_gradient, locate_cell, scatter
 from .tuning import forward_configs
 
 
 @triton.jit
 def grid_point(offs, shape, D: tl.constexpr, CT: tl.constexpr):
-    """Identity coordinates of flat indices ``offs`` of a grid of sizes ``shape``."""
+    """Identity coordinates of flat indices ``offs`` of a grid of sizes ``shape``: a D-tuple of [BLOCK, 1]."""
     if D == 3:
         i2 = offs % shape[2]
         rest = offs // shape[2]
-        x = (grid_coordinate(rest // shape[1], shape[0], CT), grid_coordinate(rest % shape[1], shape[1], CT),
-             grid_coordinate(i2, shape[2], CT))
+        x = (grid_coordinate(rest // shape[1], shape[0], CT)[:, None],
+             grid_coordinate(rest % shape[1], shape[1], CT)[:, None], grid_coordinate(i2, shape[2], CT)[:, None])
     else:
-        x = (grid_coordinate(offs // shape[1], shape[0], CT), grid_coordinate(offs % shape[1], shape[1], CT))
+        x = (grid_coordinate(offs // shape[1], shape[0], CT)[:, None],
+             grid_coordinate(offs % shape[1], shape[1], CT)[:, None])
     return x
 
 
@@ -59,11 +59,11 @@ def _warp(
     b = tl.program_id(1)
     offs = as_index(tl.program_id(0), BIG) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
+    mask3 = mask[:, None, None]
     n = as_index(N, BIG)
     x = grid_point(offs, (OA, OB, OC), D, CT)
-    end, stash = chain_forward((x,), fields, grads, sizes, b, NF, 0, BATCHED, 1, D, CT, BIG, mask)
-    y = end[0]
-    cell = locate_cell(y, (IA, IB, IC), D, BIG)
+    end, stash = chain_forward(x, fields, grads, sizes, b, NF, 0, BATCHED, D, CT, BIG, mask3)
+    cell = locate_cell(end, (IA, IB, IC), D, BIG)
     if D == 3:
         image_channel = as_index(IA, BIG) * IB * IC
     else:
@@ -76,28 +76,28 @@ def _warp(
     if BACKWARD:
         a = ()
         for k in tl.static_range(D):
-            a = a + (tl.zeros_like(y[0]),)
+            a = a + (tl.zeros_like(end[0]),)
         for c in range(CHANNELS):
-            g = tl.load(GRAD_OUT + out_row + c * n + offs, mask=mask, other=0.0).to(CT)
+            g = tl.load(GRAD_OUT + out_row + c * n + offs, mask=mask, other=0.0).to(CT)[:, None]
             if IMAGE_GRAD:
-                scatter_cell(GRAD_IMG + img_row + c * image_channel, 0, cell, (g,), 1, D, mask)
+                scatter(GRAD_IMG + img_row + c * image_channel, 0, cell, (g,), 1, 1, mask3)
             if STOP >= 0:
-                gi = interpolate_gradient(IMG + img_row + c * image_channel, cell, D, CT, mask)
+                gi = interpolate_gradient(IMG + img_row + c * image_channel, cell, D, CT, mask3)
                 upd = ()
                 for k in tl.static_range(D):
                     upd = upd + (a[k] + g * gi[k],)
                 a = upd
         if STOP >= 0:
-            chain_backward((a,), stash, fields, grads, sizes, b, NF, 0, BATCHED, GMASK, STOP, 1, D, CT, BIG, mask)
+            chain_backward(a, stash, fields, grads, sizes, b, NF, 0, BATCHED, GMASK, STOP, 1, D, CT, BIG, mask3)
     else:
         # 0 for a finite point, NaN otherwise: a non-finite map never gives a finite image
         # (clamping alone would sample the border).
-        poison = y[0] - y[0]
+        poison = end[0] - end[0]
         for k in tl.static_range(1, D):
-            poison += y[k] - y[k]
+            poison += end[k] - end[k]
         for c in range(CHANNELS):
-            v = interpolate(IMG + img_row + c * image_channel, cell, D, CT, mask) + poison
-            tl.store(OUT + out_row + c * n + offs, v.to(OUT.dtype.element_ty), mask=mask)
+            v = interpolate(IMG + img_row + c * image_channel, cell, CT, mask3) + poison
+            tl.store(OUT + out_row + c * n + offs, tl.sum(v, axis=1).to(OUT.dtype.element_ty), mask=mask)
 
 
 _NO_SPECIALIZE = ["CHANNELS", "N", "IA", "IB", "IC", "OA", "OB", "OC", *SIZE_ARGS]

@@ -15,7 +15,6 @@ Tolerances (norm-wise relative errors unless said otherwise):
 
 import importlib.util
 import os
-import struct
 
 import numpy as np
 import pytest
