@@ -88,12 +88,12 @@ def _cmd_register(args) -> int:
             raise UsageError(f"--iterations takes {len(settings.levels)} counts >= 0 (one per level, coarse to fine)")
         settings.levels = tuple(Level(lv.image_scale, lv.field_scale, n)
                                 for lv, n in zip(settings.levels, args.iterations))
-    for name in ("lmbda", "sigma", "max_size", "lr", "similarity", "seed"):
+    for name in ("lmbda", "sigma", "max_size", "lr", "similarity", "smooth", "seed"):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
-    if settings.max_size < 8 or settings.sigma < 1 or settings.lmbda < 0 or settings.lr <= 0:
-        raise UsageError("need --max-size >= 8, --sigma >= 1, --lmbda >= 0 and --lr > 0")
+    if settings.max_size < 8 or settings.sigma < 1 or settings.lmbda < 0 or settings.lr <= 0 or settings.smooth < 0:
+        raise UsageError("need --max-size >= 8, --sigma >= 1, --lmbda >= 0, --lr > 0 and --smooth >= 0")
 
     result = register_images(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, intensity=args.intensity,
                              settings=settings, model=model, io_iterations=args.io_iterations, backend=args.backend,
@@ -318,11 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model-free registration")
     g.add_argument("--iterations", type=int, nargs="+", metavar="N", help="Adam steps per level, coarse to fine "
                    "(default 100 100 50)")
-    g.add_argument("--lmbda", type=float, metavar="λ", help="weight of the GradICON penalty (default 1.0)")
+    g.add_argument("--lmbda", type=float, metavar="λ", help="weight of the GradICON penalty (default 2)")
     g.add_argument("--sigma", type=int, help="LNCC Gaussian σ in voxels of each level (default 3)")
     g.add_argument("--similarity", choices=("lncc", "lncc2", "mse"), help="similarity (default lncc)")
     g.add_argument("--max-size", type=int, metavar="N", help="largest axis of the loss grid (default 80)")
     g.add_argument("--lr", type=float, help="Adam step in field voxels (default 0.1)")
+    g.add_argument("--smooth", type=float, metavar="σ", help="Gaussian smoothing of the field updates, in field "
+                   "voxels (default 2; 0: none)")
     g.add_argument("--seed", type=int, help="seed of the penalty's random points (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     _add_common(p)

@@ -245,7 +245,10 @@ def save_figure(path: str, pair: SyntheticPair, warped: torch.Tensor, phi: torch
     show = dict(cmap="gray", vmin=0, vmax=1, origin="lower")
     for ax, img, name in zip(axes[:3], (fixed, moving, warped_s), ("fixed", "moving", "warped moving")):
         ax.imshow(img.T, **show)
-        ax.contour(labels.T, levels=np.arange(0.5, pair.num_labels + 1), colors="tab:orange", linewidths=0.6)
+        for label in range(1, pair.num_labels + 1):
+            if (labels == label).any():
+                ax.contour((labels == label).T.astype(float), levels=[0.5], colors=[plt.cm.tab10(label % 10)],
+                           linewidths=0.8)
         ax.set_title(name + " (fixed labels outlined)" if name != "moving" else name)
     ax = axes[3]
     ax.imshow(fixed.T, cmap="gray", vmin=0, vmax=1, origin="lower", alpha=0.4)

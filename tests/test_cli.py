@@ -24,9 +24,20 @@ DIRECTION = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 
 
 def run_cli(*args, cwd=None, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # one thread: these problems are tiny and the test machine's cores are shared (OpenMP stalls otherwise)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "gradicon_fast", *map(str, args)], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class InProcess:
@@ -300,3 +311,34 @@ def test_train_bad_input(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     one_line_error(InProcess(capsys, "train", "--config", "knee", "--data", tmp_path / "empty"), "no volumes")
     one_line_error(InProcess(capsys, "train", "--config", "liver", "--data", tmp_path), "invalid choice", status=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The network layer: register --model (instance optimisation) and train
+# ------------------------------------------------------------------------------------------------
+
+
+def test_register_with_a_model_checkpoint(pair_files, tmp_path):
+    nn = pytest.importorskip("gradicon_fast.nn")
+    model = nn.standard_network((24, 24, 24), width=0.125)
+    nn.save_model(model, tmp_path / "model.pt")
+    proc = run_cli("register", "--fixed", pair_files["fixed"], "--moving", pair_files["moving"],
+                   "--model", tmp_path / "model.pt", "--io-iterations", "3",
+                   "--transform-out", tmp_path / "t.h5", "--warped-out", tmp_path / "w.nii.gz", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "network + 3 instance-optimisation steps" in proc.stdout
+    field = io.read_displacement_field(tmp_path / "t.h5")
+    assert field.geometry.same_grid(io.read_image(pair_files["fixed"]).geometry)
+    assert np.isfinite(field.vectors).all()
+
+
+def test_train_delegates_to_the_network_layer(tmp_path, capsys):
+    pytest.importorskip("gradicon_fast.train")
+    proc = InProcess(capsys, "train", "--config", "synthetic2d", "--shape", "32", "32", "--width", "0.125",
+                     "--pairs", "4", "--steps-stage1", "2", "--steps-stage2", "1", "--out", tmp_path / "run",
+                     "--device", "cpu", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "stage2" / "model.pt").is_file()
+    # the trained model registers 2D images through the command line's model path
+    nn = pytest.importorskip("gradicon_fast.nn")
+    assert nn.load_model(tmp_path / "run" / "stage2" / "model.pt").input_shape == (32, 32)
