@@ -91,6 +91,9 @@ def _record_launches(quick: bool):
         ops._gradicon_loss(chain, chain, list(sh), 2, None, 1, 1e-3, 0.1)
         ops._gradicon_loss_backward(grad0, chain, chain, list(sh), 1, noise, 1, 1e-3, 0.1, [True, True],
                                     [True, True])
+        ops._gradicon_analytic_loss(chain, chain, list(sh), 2, None, 1, 0.1)
+        ops._gradicon_analytic_loss_backward(grad0, chain, chain, list(sh), 1, noise, 1, 0.1, [True, True],
+                                             [True, True])
         ops._icon_loss(chain, chain, list(sh), noise, 1, 0.1)
         ops._icon_loss_backward(grad0, chain, chain, list(sh), None, 1, 0.1, [True, True], [True, True])
         if not quick:

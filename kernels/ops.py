@@ -22,6 +22,7 @@ import triton
 
 from .chain import MAX_FIELDS, accumulation_dtype, grad_mask, is_big, slot_args, stop_index
 from .gradicon import gradicon_backward, gradicon_forward
+from .gradicon_analytic import gradicon_analytic_backward, gradicon_analytic_forward
 from .icon import icon_backward, icon_forward
 from .noise import normal_noise_kernel
 from .penalty_points import float_bits
@@ -281,6 +282,48 @@ def _gradicon_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain_ba: list
     return grads[:len(chain_ab)], grads[len(chain_ab):]
 
 
+def _analytic_launch(kernel, grid, fields, buffers, batch, d, shape, stride, noise, seed, noise_scale, partial,
+                     grad_loss, gmask, stop, backward, launch):
+    counts = _penalty_points(d, shape, stride)
+    n = math.prod(counts)
+    noise_arg, has_noise = _noise_arg(noise, d, counts, fields[0])
+    slots, batched = slot_args(fields, buffers, batch)
+    _launch(
+        kernel, grid(n),
+        noise_arg, partial, grad_loss, n, *_padded(shape), *_padded(counts), int(stride), int(seed),
+        float_bits(noise_scale), batch * d * n, *slots, NF=len(fields), BATCHED=batched, GMASK=gmask, STOP=stop,
+        HAS_NOISE=has_noise, BACKWARD=backward, **_common(d, fields[0].dtype, is_big(noise_arg, *fields)), TILE=TILE,
+        **launch)
+
+
+def _gradicon_analytic_loss(chain_ab: list[Tensor], chain_ba: list[Tensor], shape: list[int], stride: int,
+                            noise: Optional[Tensor], seed: int, noise_scale: float) -> Tensor:
+    d, fields, batch = _pair(chain_ab, chain_ba)
+    n = math.prod(_penalty_points(d, shape, stride))
+    programs = triton.cdiv(n, TILE)
+    partial = fields[0].new_zeros((batch * programs,), dtype=accumulation_dtype(fields[0].dtype))
+    _analytic_launch(gradicon_analytic_forward, lambda n: (programs, batch), fields, [None] * len(fields), batch, d,
+                     shape, stride, noise, seed, noise_scale, partial, partial, 0, -1, False, {})
+    return _loss_from_partials(partial, batch * d * n, fields[0].dtype)
+
+
+def _gradicon_analytic_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain_ba: list[Tensor], shape: list[int],
+                                     stride: int, noise: Optional[Tensor], seed: int, noise_scale: float,
+                                     ab_needs_grad: list[bool],
+                                     ba_needs_grad: list[bool]) -> tuple[list[Tensor], list[Tensor]]:
+    d, fields, batch = _pair(chain_ab, chain_ba)
+    needs = list(ab_needs_grad) + list(ba_needs_grad)
+    buffers = _grad_buffers(fields, needs)
+    stop = stop_index(needs, False)
+    if stop >= 0:
+        block = backward_block(d)
+        _analytic_launch(gradicon_analytic_backward, lambda n: (triton.cdiv(n, block), batch), fields, buffers, batch,
+                         d, shape, stride, noise, seed, noise_scale, fields[0], grad.contiguous(), grad_mask(needs),
+                         stop, True, {"BLOCK": block, "num_warps": NUM_WARPS})
+    grads = _returned(buffers, fields)
+    return grads[:len(chain_ab)], grads[len(chain_ab):]
+
+
 def _icon_launch(kernel, grid, fields, buffers, n_ab, batch, d, shape, noise, seed, noise_scale, partial, grad_loss,
                  gmask, stop_ab, stop_ba, backward, launch):
     counts = _penalty_points(d, shape, 1)
@@ -364,6 +407,15 @@ def _fake_gradicon(chain_ab, chain_ba, shape, stride, noise, seed, delta, noise_
 
 def _fake_gradicon_backward(grad, chain_ab, chain_ba, shape, stride, noise, seed, delta, noise_scale, ab_needs_grad,
                             ba_needs_grad):
+    return _fake_pair_grads(chain_ab, chain_ba, ab_needs_grad, ba_needs_grad)
+
+
+def _fake_gradicon_analytic(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale):
+    return chain_ab[0].new_empty(())
+
+
+def _fake_gradicon_analytic_backward(grad, chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, ab_needs_grad,
+                                     ba_needs_grad):
     return _fake_pair_grads(chain_ab, chain_ba, ab_needs_grad, ba_needs_grad)
 
 
@@ -485,6 +537,26 @@ def _register_autograd() -> None:
 
     torch.library.register_autograd(f"{NAMESPACE}::icon_loss", backward_icon, setup_context=setup_icon)
 
+    def setup_analytic(ctx, inputs, output):
+        chain_ab, chain_ba, shape, stride, noise, seed, noise_scale = inputs
+        ctx.n_ab, ctx.n_ba = len(chain_ab), len(chain_ba)
+        ctx.args = (list(shape), stride, seed, noise_scale)
+        ctx.has_noise = noise is not None
+        ctx.save_for_backward(*chain_ab, *chain_ba, *([noise] if noise is not None else []))
+
+    def backward_analytic(ctx, grad):
+        saved = ctx.saved_tensors
+        chain_ab, chain_ba = list(saved[:ctx.n_ab]), list(saved[ctx.n_ab:ctx.n_ab + ctx.n_ba])
+        noise = saved[-1] if ctx.has_noise else None
+        shape, stride, seed, noise_scale = ctx.args
+        ab_needs, ba_needs = pair_needs(ctx, ctx.n_ab, ctx.n_ba)
+        grads_ab, grads_ba = ops.gradicon_analytic_loss_backward(grad, chain_ab, chain_ba, shape, stride, noise, seed,
+                                                                 noise_scale, ab_needs, ba_needs)
+        return _grads_or_none(grads_ab, ab_needs), _grads_or_none(grads_ba, ba_needs), None, None, None, None, None
+
+    torch.library.register_autograd(f"{NAMESPACE}::gradicon_analytic_loss", backward_analytic,
+                                    setup_context=setup_analytic)
+
 
 def _register() -> None:
     if _op_exists("transform_points"):
@@ -495,6 +567,8 @@ def _register() -> None:
     _define("warp_backward", _warp_backward, _fake_warp_backward)
     _define("gradicon_loss", _gradicon_loss, _fake_gradicon)
     _define("gradicon_loss_backward", _gradicon_loss_backward, _fake_gradicon_backward)
+    _define("gradicon_analytic_loss", _gradicon_analytic_loss, _fake_gradicon_analytic)
+    _define("gradicon_analytic_loss_backward", _gradicon_analytic_loss_backward, _fake_gradicon_analytic_backward)
     _define("icon_loss", _icon_loss, _fake_icon)
     _define("icon_loss_backward", _icon_loss_backward, _fake_icon_backward)
     _define("normal_noise", _normal_noise, _fake_normal_noise)
@@ -536,6 +610,6 @@ def icon_loss(chain_ab, chain_ba, shape, noise, seed, noise_scale) -> Tensor:
 
 
 def gradicon_analytic_loss(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale) -> Tensor:
-    """One direction of the analytic GradICON penalty: not implemented by the Triton backend yet."""
-    raise NotImplementedError("gradicon_analytic_loss has no Triton kernel yet; use backend='cpu', 'cuda' or "
-                              "'torch' for mode='analytic'")
+    """One direction of the analytic GradICON penalty: ‖J - I‖_F² of φ_ab∘φ_ba, mean over B·d·N."""
+    return _ops().gradicon_analytic_loss(list(chain_ab), list(chain_ba), [int(s) for s in shape], int(stride), noise,
+                                         int(seed), float(noise_scale))

@@ -113,7 +113,7 @@ def locate_cell(y, sz, D: tl.constexpr, BIG: tl.constexpr):
 
 
 @triton.jit
-def _gather(ptr, cell, mask, CT: tl.constexpr):
+def gather_corners(ptr, cell, mask, CT: tl.constexpr):
     """The 2^D corner values of one channel, [BLOCK, E, 2^D]; ``mask`` is [BLOCK, 1, 1]."""
     return tl.load(ptr + cell[0], mask=mask, other=0.0).to(CT)
 
@@ -121,21 +121,47 @@ def _gather(ptr, cell, mask, CT: tl.constexpr):
 @triton.jit
 def interpolate(ptr, cell, CT: tl.constexpr, mask):
     """Value of one channel (``ptr`` at its first voxel) at the cell's points, [BLOCK, E]."""
-    return tl.sum(_gather(ptr, cell, mask, CT) * cell[1], axis=2)
+    return tl.sum(gather_corners(ptr, cell, mask, CT) * cell[1], axis=2)
+
+
+@triton.jit
+def corner_slopes(cell, D: tl.constexpr, K: tl.constexpr):
+    """∂weight/∂frac_K per corner: ±Π_{j≠K} (frac_j or 1 - frac_j), [BLOCK, E, 2^D]."""
+    dw = tl.where(_upper(D, K), 1.0, -1.0)
+    for j in tl.static_range(D):
+        if j != K:
+            dw = dw * _factor(cell[2][j], _upper(D, j))
+    return dw
+
+
+@triton.jit
+def corner_curvatures(cell, D: tl.constexpr, K: tl.constexpr, J: tl.constexpr):
+    """∂²weight/∂frac_K∂frac_J per corner (K ≠ J): ±Π_{i≠K,J} (frac_i or 1 - frac_i)."""
+    dw = tl.where(_upper(D, K) == _upper(D, J), 1.0, -1.0)
+    for i in tl.static_range(D):
+        if i != K and i != J:
+            dw = dw * _factor(cell[2][i], _upper(D, i))
+    return dw
 
 
 @triton.jit
 def interpolate_gradient(ptr, cell, D: tl.constexpr, CT: tl.constexpr, mask):
     """Gradient of one channel with respect to the coordinates: a D-tuple, entry k = ∂f/∂x_k."""
-    v = _gather(ptr, cell, mask, CT)
+    v = gather_corners(ptr, cell, mask, CT)
     grad = ()
     for k in tl.static_range(D):
-        dw = tl.where(_upper(D, k), 1.0, -1.0)
-        for j in tl.static_range(D):
-            if j != k:
-                dw = dw * _factor(cell[2][j], _upper(D, j))
-        grad = grad + (tl.sum(v * dw, axis=2) * cell[3][k],)
+        grad = grad + (tl.sum(v * corner_slopes(cell, D, k), axis=2) * cell[3][k],)
     return grad
+
+
+@triton.jit
+def interpolate_with_gradient(ptr, cell, D: tl.constexpr, CT: tl.constexpr, mask):
+    """(value, gradient D-tuple, corner values) of one channel from one gather."""
+    v = gather_corners(ptr, cell, mask, CT)
+    grad = ()
+    for k in tl.static_range(D):
+        grad = grad + (tl.sum(v * corner_slopes(cell, D, k), axis=2) * cell[3][k],)
+    return tl.sum(v * cell[1], axis=2), grad, v
 
 
 @triton.jit

@@ -159,11 +159,11 @@ def _noise(rng, d, points_shape, dtype=torch.float32):
     return torch.randn((1, d, *points_shape), generator=rng, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
 
 
-@pytest.mark.parametrize("d, stride, symmetric", [(2, 1, False), (2, 2, True), (3, 1, False), (3, 2, False)])
+@pytest.mark.parametrize("d, stride, symmetric", [(2, 1, False), (2, 2, True), (3, 1, False), (3, 2, True)])
 def test_gradicon(rng, d, stride, symmetric):
-    # Batch 2 (with a broadcast field) in 2D; batch 1 in 3D, where the interpreter is slowest.
-    hi = 6 if d == 2 else 4
-    chain_ab = leaves(_chain(rng, d, 2 if d == 2 else 1, 2, lo=3, hi=hi))
+    # Batch 2, with a field of batch 1 broadcast over it.
+    hi = 6 if d == 2 else 5
+    chain_ab = leaves(_chain(rng, d, 2, 2, lo=3, hi=hi))
     chain_ba = leaves(_chain(rng, d, 1, 1, lo=3, hi=hi))
     shape = random_shape(rng, d, 3, hi + 1)
     noise = _noise(rng, d, R.loss_points_shape(shape, stride))
@@ -194,6 +194,28 @@ def test_gradicon_float64_exact(rng, d):
     assert relative_error(list(got), list(want)) < 1e-8
 
 
+def test_many_points(rng):
+    # More points than one program takes (several blocks, several loss partial sums per batch entry).
+    d = 2
+    chain_ab = leaves(_chain(rng, d, 2, 2))
+    chain_ba = leaves(_chain(rng, d, 1, 1))
+    shape = (23, 29)
+    noise = _noise(rng, d, R.loss_points_shape(shape, 1))
+    loss = T.gradicon_loss(chain_ab, chain_ba, shape, 1, noise, 0, 1e-3, 1 / 29)
+    ref = R.gradicon_loss(chain_ab, chain_ba, shape=shape, stride=1, noise=noise)
+    assert abs(loss.item() - ref.item()) <= FD_VALUE * abs(ref.item())
+    got = _grads(loss, chain_ab + chain_ba)
+    want = _grads(ref, chain_ab + chain_ba)
+    assert relative_error(list(got), list(want)) < FD_GRAD
+    loss = T.icon_loss(chain_ab, chain_ba, shape, noise, 0, 1 / 29)
+    ref = R.icon_loss(chain_ab, chain_ba, shape=shape, noise=noise)
+    assert abs(loss.item() - ref.item()) <= F32 * abs(ref.item())
+    points = random_points(rng, 1, d, (700,)).to(torch.float32)
+    assert relative_error(T.transform_points(chain_ab, points), R.transform_points(chain_ab, points)) < F32
+    image = torch.randn((1, 1, 9, 8), generator=rng).to(DEVICE)
+    assert relative_error(T.warp(image, chain_ab, shape), R.warp(image, chain_ab, shape)) < F32
+
+
 def test_gradicon_longest_chains(rng):
     # 8 + 8 fields: every one of the kernels' 16 field slots in use.
     d = 2
@@ -207,6 +229,39 @@ def test_gradicon_longest_chains(rng):
     got = _grads(loss, chain_ab + chain_ba)
     want = _grads(ref, chain_ab + chain_ba)
     assert relative_error(list(got), list(want)) < FD_GRAD
+
+
+# ---- analytic GradICON ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d, stride, symmetric", [(2, 1, True), (3, 2, False)])
+def test_gradicon_analytic(rng, d, stride, symmetric):
+    # The exact chain-rule Jacobian: no finite-difference noise, so float32 tolerances.
+    chain_ab = leaves(_chain(rng, d, 2, 2, hi=5))
+    chain_ba = leaves(_chain(rng, d, 1, 1, hi=5))
+    shape = random_shape(rng, d, 3, 6)
+    noise = _noise(rng, d, R.loss_points_shape(shape, stride))
+    kwargs = dict(shape=shape, stride=stride, noise=noise, symmetric=symmetric, mode="analytic")
+    loss = gf.gradicon_loss(chain_ab, chain_ba, backend="triton", **kwargs)
+    ref = gf.gradicon_loss(chain_ab, chain_ba, backend="torch", **kwargs)
+    assert abs(loss.item() - ref.item()) <= F32 * abs(ref.item())
+    got = _grads(loss, chain_ab + chain_ba)
+    want = _grads(ref, chain_ab + chain_ba)
+    for g, w in zip(got, want):
+        assert relative_error(g, w) < F32
+
+
+def test_gradicon_analytic_seeded_float64(rng):
+    d, shape, seed = 3, (4, 5, 3), _seed(rng)
+    chain_ab = leaves(_chain(rng, d, 1, 2, dtype=torch.float64, hi=5))
+    chain_ba = leaves(_chain(rng, d, 2, 1, dtype=torch.float64, hi=5))
+    noise = T.normal_noise(seed, d, shape, dtype=torch.float64, device=DEVICE)
+    loss = T.gradicon_analytic_loss(chain_ab, chain_ba, shape, 1, None, seed, 1 / 3)
+    ref = R.gradicon_loss_analytic(chain_ab, chain_ba, shape=shape, stride=1, noise=noise, noise_scale=1 / 3)
+    assert abs(loss.item() - ref.item()) <= 1e-12 * abs(ref.item())
+    got = _grads(loss, chain_ab + chain_ba)
+    want = _grads(ref, chain_ab + chain_ba)
+    assert relative_error(list(got), list(want)) < 1e-12
 
 
 # ---- ICON ---------------------------------------------------------------------------------------
@@ -341,14 +396,16 @@ def test_half_precision_fields(rng, dtype):
     want = _grads(ref, chain32)
     assert relative_error(list(got), list(want)) < BF16
 
+    # The analytic penalty, which is what half-precision maps need (δ is below their resolution).
+    loss = T.gradicon_analytic_loss(chain16, chain16[:1], shape, 2, noise, 0, 2 / 4)
+    ref = R.gradicon_loss_analytic(chain32, chain32[:1], shape=shape, stride=2, noise=noise.float())
+    assert abs(loss.item() - ref.item()) <= BF16 * abs(ref.item())
+    got = _grads(loss.float(), chain16)
+    want = _grads(ref, chain32)
+    assert relative_error(list(got), list(want)) < BF16
+
 
 # ---- registration, compilation ------------------------------------------------------------------
-
-
-def test_analytic_mode_not_implemented():
-    field = torch.zeros(1, 2, 3, 3, device=DEVICE)
-    with pytest.raises(NotImplementedError):
-        T.gradicon_analytic_loss([field], [field], (3, 3), 1, None, 0, 1 / 3)
 
 
 def test_registered_ops_have_fake_kernels(rng):
@@ -361,6 +418,7 @@ def test_registered_ops_have_fake_kernels(rng):
         assert T.warp(torch.empty(1, 2, 4, 4, 4), chain, (5, 6, 7)).shape == (2, 2, 5, 6, 7)
         assert T.gradicon_loss(chain, chain, (4, 5, 6), 2, None, 3, 1e-3, 0.3).shape == ()
         assert T.icon_loss(chain, chain, (4, 5, 6), None, 3, 0.2).shape == ()
+        assert T.gradicon_analytic_loss(chain, chain, (4, 5, 6), 2, None, 3, 0.3).shape == ()
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="torch.compile of Triton kernels needs a CUDA device "
@@ -377,7 +435,8 @@ def test_torch_compile_fullgraph(rng):
         warped = T.warp(image, chain_ab, shape)
         reg = T.gradicon_loss(chain_ab, chain_ba, shape, 2, noise, 0, 1e-3, 2 / 7)
         icon = T.icon_loss(chain_ab, chain_ba, shape, None, 7, 1 / 7)
-        return warped.square().mean() + reg + icon
+        analytic = T.gradicon_analytic_loss(chain_ab, chain_ba, shape, 2, None, 5, 2 / 7)
+        return warped.square().mean() + reg + icon + analytic
 
     compiled = torch.compile(objective, fullgraph=True)
     got = compiled(chain_ab, chain_ba, image)
