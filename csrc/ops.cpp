@@ -41,6 +41,12 @@ TORCH_LIBRARY(gradicon_fast, m) {
       "gradicon_loss_backward(Tensor grad, Tensor[] chain_ab, Tensor[] chain_ba, int[] shape, int stride, "
       "Tensor? noise, int seed, float delta, float noise_scale, bool[] ab_needs_grad, bool[] ba_needs_grad) "
       "-> (Tensor[], Tensor[])");
+  // The loss and its gradients (for a unit upstream gradient) in one pass; gradients of the fields
+  // whose mask entry is false are empty tensors.
+  m.def(
+      "gradicon_loss_and_grad(Tensor[] chain_ab, Tensor[] chain_ba, int[] shape, int stride, Tensor? noise, "
+      "int seed, float delta, float noise_scale, bool[] ab_needs_grad, bool[] ba_needs_grad) "
+      "-> (Tensor, Tensor[], Tensor[])");
   m.def(
       "icon_loss(Tensor[] chain_ab, Tensor[] chain_ba, int[] shape, Tensor? noise, int seed, float noise_scale) "
       "-> Tensor");

@@ -65,30 +65,38 @@ inline bool touches_only(const FieldRef<T, D>& f, int64_t b, T x0, const RowRang
 // would touch a row outside is left alone and its index appended to `deferred`; those points
 // run afterwards through single(point), on one thread with every row allowed. Points laid out
 // in grid order touch rows near their own, so few are deferred; any layout is correct.
+// body and single return a value per call (e.g. the loss of the points they processed); the
+// result is their sum, in an order fixed by n and the number of threads.
 template <typename Body, typename Single>
-void for_each_item_owning_rows(int64_t n, const std::vector<int64_t>& target_rows, int64_t min_items_per_thread,
-                               const Body& body, const Single& single) {
+double for_each_item_owning_rows(int64_t n, const std::vector<int64_t>& target_rows, int64_t min_items_per_thread,
+                                 const Body& body, const Single& single) {
   const size_t targets = target_rows.size();
   std::vector<RowRange> all(targets);
   for (size_t i = 0; i < targets; ++i) all[i] = {0, target_rows[i]};
   const int64_t blocks =
       std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n / std::max<int64_t>(min_items_per_thread, 1), 1));
   std::vector<std::vector<int64_t>> deferred(blocks);
+  std::vector<double> partial(blocks, 0.0);
   if (blocks <= 1) {
-    for (int64_t i = 0; i < n; ++i) body(i, all.data(), deferred[0]);
+    for (int64_t i = 0; i < n; ++i) partial[0] += body(i, all.data(), deferred[0]);
   } else {
     at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
       std::vector<RowRange> own(targets);
       for (int64_t t = first; t < last; ++t) {
         for (size_t i = 0; i < targets; ++i) own[i] = {target_rows[i] * t / blocks, target_rows[i] * (t + 1) / blocks};
         const int64_t begin = n * t / blocks, end = n * (t + 1) / blocks;
-        for (int64_t i = begin; i < end; ++i) body(i, own.data(), deferred[t]);
+        double sum = 0.0;
+        for (int64_t i = begin; i < end; ++i) sum += body(i, own.data(), deferred[t]);
+        partial[t] = sum;
       }
     });
   }
+  double total = 0.0;
+  for (double v : partial) total += v;
   for (const auto& list : deferred) {
-    for (int64_t p : list) single(p);
+    for (int64_t p : list) total += single(p);
   }
+  return total;
 }
 
 // The same for one point per item: body(point, ranges) returns false, having written nothing,
@@ -101,8 +109,12 @@ void for_each_point_owning_rows(int64_t n, const std::vector<int64_t>& target_ro
       n, target_rows, 256,
       [&](int64_t p, const RowRange* own, std::vector<int64_t>& deferred) {
         if (!body(p, own)) deferred.push_back(p);
+        return 0.0;
       },
-      [&](int64_t p) { body(p, all.data()); });
+      [&](int64_t p) {
+        body(p, all.data());
+        return 0.0;
+      });
 }
 
 // Sum of per-point values over [0, n) in double, in a fixed order (independent of the number

@@ -40,7 +40,7 @@ double forward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pt
 // would add outside `own`.
 template <typename T, int D>
 bool backward_point(const ChainRef<T, D>& chain, const int* target, const PenaltyPoints<T, D>& pts, int64_t b,
-                    int64_t p, T delta, T scale_sum, const RowRange* own) {
+                    int64_t p, T delta, T scale_sum, const RowRange* own, double* squared_sum) {
   constexpr int E = D + 1;
   T x[D];
   penalty_point(pts, p, x);
@@ -52,16 +52,18 @@ bool backward_point(const ChainRef<T, D>& chain, const int* target, const Penalt
   chain_forward<T, D, E>(chain, b, end, stash);
   if (!chain_touches_only<T, D, E>(chain, target, b, stash, own)) return false;
   T g[D][D], a[E][D];
-  fd_gradient_error(start, end, delta, g);
+  *squared_sum = fd_gradient_error(start, end, delta, g);
   fd_gradient_error_adjoint(g, delta, scale_sum, a);
   PlainAdd add;
   chain_backward<T, D, E>(chain, b, stash, a, false, add);
   return true;
 }
 
+// Adds ∂L/∂field to the gradient buffers of the chain, L = grad_loss · loss; returns Σ g² over
+// every point and batch entry (the loss times B·D·N), which the fused forward-backward uses.
 template <typename T, int D>
-void backward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch, T delta,
-                     T grad_loss) {
+double backward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch, T delta,
+                       T grad_loss) {
   const int64_t n = pts.num_points;
   const T scale_sum = grad_loss / static_cast<T>(batch * D * n);
   std::vector<int64_t> rows;
@@ -70,9 +72,20 @@ void backward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts
     rows.push_back(gradient_rows(chain.field[j], batch));
     target[j] = j;
   }
-  for_each_point_owning_rows(batch * n, rows, [&](int64_t q, const RowRange* own) {
-    return backward_point(chain, target, pts, q / n, q % n, delta, scale_sum, own);
-  });
+  std::vector<RowRange> all(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) all[i] = {0, rows[i]};
+  return for_each_item_owning_rows(
+      batch * n, rows, 256,
+      [&](int64_t q, const RowRange* own, std::vector<int64_t>& deferred) {
+        double sq = 0.0;
+        if (!backward_point(chain, target, pts, q / n, q % n, delta, scale_sum, own, &sq)) deferred.push_back(q);
+        return sq;
+      },
+      [&](int64_t q) {
+        double sq = 0.0;
+        backward_point(chain, target, pts, q / n, q % n, delta, scale_sum, all.data(), &sq);
+        return sq;
+      });
 }
 
 #ifdef GF_HAVE_SIMD8
@@ -137,7 +150,7 @@ double forward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<floa
 }
 
 template <int D>
-void backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& pts, int64_t batch, float delta,
+double backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& pts, int64_t batch, float delta,
                       float grad_loss) {
   constexpr int E = D + 1;
   const int64_t n = pts.num_points;
@@ -153,7 +166,7 @@ void backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<float
   }
   std::vector<RowRange> all(rows.size());
   for (size_t i = 0; i < rows.size(); ++i) all[i] = {0, rows[i]};
-  for_each_item_owning_rows(
+  return for_each_item_owning_rows(
       batch * groups, rows, 32,
       [&](int64_t item, const RowRange* own, std::vector<int64_t>& deferred) {
         const int64_t b = item / groups, p0 = (item % groups) * kLanes;
@@ -178,8 +191,19 @@ void backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<float
           }
         }
         chain_backward8<D, E>(chain, s32, b, stash, a, owned, false);
+        double sq = 0.0;
+        for (int l = 0; l < kLanes; ++l) {
+          if (!(owned >> l & 1)) continue;
+          for (int k = 0; k < D; ++k)
+            for (int c = 0; c < D; ++c) sq += static_cast<double>(g[k][c][l] * g[k][c][l]);
+        }
+        return sq;
       },
-      [&](int64_t q) { backward_point(chain, target, pts, q / n, q % n, delta, scale_sum, all.data()); });
+      [&](int64_t q) {
+        double sq = 0.0;
+        backward_point(chain, target, pts, q / n, q % n, delta, scale_sum, all.data(), &sq);
+        return sq;
+      });
 }
 #endif  // GF_HAVE_SIMD8
 
@@ -235,7 +259,7 @@ double forward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& p
 }
 
 template <int D>
-void backward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& pts, int64_t batch, float delta,
+double backward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& pts, int64_t batch, float delta,
               float grad_loss) {
   const int64_t n = pts.num_points;
   const float scale_sum = grad_loss / static_cast<float>(batch * D * n);
@@ -247,7 +271,10 @@ void backward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& pt
     rows.push_back(gradient_rows(chain.field[j], batch));
     target[j] = j;
   }
-  for_each_point_owning_rows(batch * n, rows, [&](int64_t q, const RowRange* own) {
+  std::vector<RowRange> all(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) all[i] = {0, rows[i]};
+  // Σ g² of point q, or -1 (having written nothing) if it would leave `own`.
+  auto point = [&](int64_t q, const RowRange* own) -> double {
     const int64_t b = q / n, p = q % n;
     float x[D];
     penalty_point(pts, p, x);
@@ -258,22 +285,34 @@ void backward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& pt
     for (int j = 0; j < chain.count; ++j) {
       if (!chain.field[j].grad) continue;
       for (int e = 0; e <= D; ++e)
-        if (!touches_only(chain.field[j], b, stash[j][0][e], own[target[j]])) return false;
+        if (!touches_only(chain.field[j], b, stash[j][0][e], own[target[j]])) return -1.0;
     }
     f4 err[D], a[D];
     for (int c = 0; c < D; ++c) {
       err[c] = start[c] - y[c];
       a[c] = lanes::splat(0.f);
     }
+    double sq = 0.0;
     for (int k = 0; k < D; ++k)
       for (int c = 0; c < D; ++c) {
-        const float v = ((err[c][0] - err[c][k + 1]) / delta) * s;
+        const float g = (err[c][0] - err[c][k + 1]) / delta;
+        sq += static_cast<double>(g * g);
+        const float v = g * s;
         a[c][0] -= v;
         a[c][k + 1] = v;
       }
     chain_backward4<D>(chain, st.s, b, stash, a);
-    return true;
-  });
+    return sq;
+  };
+  return for_each_item_owning_rows(
+      batch * n, rows, 256,
+      [&](int64_t q, const RowRange* own, std::vector<int64_t>& deferred) {
+        const double sq = point(q, own);
+        if (sq >= 0.0) return sq;
+        deferred.push_back(q);
+        return 0.0;
+      },
+      [&](int64_t q) { return point(q, all.data()); });
 }
 
 }  // namespace lanes_impl
@@ -318,7 +357,7 @@ double forward(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int6
 }
 
 template <typename T, int D>
-void backward(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch, T delta, T grad_loss) {
+double backward(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch, T delta, T grad_loss) {
   if constexpr (std::is_same_v<T, float>) {
     if (lanes::fits_int32(chain)) {
       switch (float_path()) {
@@ -333,7 +372,7 @@ void backward(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64
       }
     }
   }
-  backward_kernel<T, D>(chain, pts, batch, delta, grad_loss);
+  return backward_kernel<T, D>(chain, pts, batch, delta, grad_loss);
 }
 
 struct Args {
@@ -379,33 +418,64 @@ at::Tensor gradicon_loss_cpu(at::TensorList chain_ab, at::TensorList chain_ba, a
   return at::scalar_tensor(loss, chain_ab[0].options());
 }
 
+// Fills gradient buffers for the masked fields with grad_loss · ∂loss/∂field; returns the loss.
+double run_backward(const Args& args, double grad_loss, at::IntArrayRef shape, int64_t stride, int64_t seed,
+                    double delta, double noise_scale, const std::vector<at::Tensor>& grads) {
+  double squared_sum = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(args.fields[0].scalar_type(), "gradicon_loss_backward_cpu", [&] {
+    if (args.d == 2) {
+      squared_sum = backward<scalar_t, 2>(
+          chain_ref<scalar_t, 2>(args.fields, grads, args.batch),
+          penalty_points_from<scalar_t, 2>(shape, stride, args.count, args.noise, seed, noise_scale), args.batch,
+          static_cast<scalar_t>(delta), static_cast<scalar_t>(grad_loss));
+    } else {
+      squared_sum = backward<scalar_t, 3>(
+          chain_ref<scalar_t, 3>(args.fields, grads, args.batch),
+          penalty_points_from<scalar_t, 3>(shape, stride, args.count, args.noise, seed, noise_scale), args.batch,
+          static_cast<scalar_t>(delta), static_cast<scalar_t>(grad_loss));
+    }
+  });
+  int64_t points = 1;
+  for (int64_t c : args.count) points *= c;
+  return squared_sum / static_cast<double>(args.batch * args.d * points);
+}
+
+std::vector<at::Tensor> masked_gradients(const Args& args, const c10::List<bool>& ab_needs_grad,
+                                         const c10::List<bool>& ba_needs_grad, size_t n_ab, size_t n_ba) {
+  check_mask(ab_needs_grad, n_ab, "ab_needs_grad");
+  check_mask(ba_needs_grad, n_ba, "ba_needs_grad");
+  c10::List<bool> mask = ab_needs_grad.copy();
+  for (bool m : ba_needs_grad) mask.push_back(m);
+  return gradient_buffers(args.fields, mask);
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> split_pair(const std::vector<at::Tensor>& grads,
+                                                                       const at::Tensor& like, size_t n_ab) {
+  const auto out = returned_gradients(grads, like);
+  return {std::vector<at::Tensor>(out.begin(), out.begin() + n_ab), std::vector<at::Tensor>(out.begin() + n_ab, out.end())};
+}
+
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> gradicon_loss_backward_cpu(
     const at::Tensor& grad, at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
     const c10::optional<at::Tensor>& noise, int64_t seed, double delta, double noise_scale,
     const c10::List<bool>& ab_needs_grad, const c10::List<bool>& ba_needs_grad) {
   const Args args = prepare(chain_ab, chain_ba, shape, stride, noise, delta, noise_scale);
-  check_mask(ab_needs_grad, chain_ab.size(), "ab_needs_grad");
-  check_mask(ba_needs_grad, chain_ba.size(), "ba_needs_grad");
-  c10::List<bool> mask = ab_needs_grad.copy();
-  for (bool m : ba_needs_grad) mask.push_back(m);
-  const auto grads = gradient_buffers(args.fields, mask);
-  AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "gradicon_loss_backward_cpu", [&] {
-    const scalar_t grad_loss = grad.item<scalar_t>();
-    if (args.d == 2) {
-      backward<scalar_t, 2>(chain_ref<scalar_t, 2>(args.fields, grads, args.batch),
-                                   penalty_points_from<scalar_t, 2>(shape, stride, args.count, args.noise, seed,
-                                                                    noise_scale),
-                                   args.batch, static_cast<scalar_t>(delta), grad_loss);
-    } else {
-      backward<scalar_t, 3>(chain_ref<scalar_t, 3>(args.fields, grads, args.batch),
-                                   penalty_points_from<scalar_t, 3>(shape, stride, args.count, args.noise, seed,
-                                                                    noise_scale),
-                                   args.batch, static_cast<scalar_t>(delta), grad_loss);
-    }
-  });
-  const auto out = returned_gradients(grads, chain_ab[0]);
-  return {std::vector<at::Tensor>(out.begin(), out.begin() + chain_ab.size()),
-          std::vector<at::Tensor>(out.begin() + chain_ab.size(), out.end())};
+  const auto grads = masked_gradients(args, ab_needs_grad, ba_needs_grad, chain_ab.size(), chain_ba.size());
+  run_backward(args, grad.item<double>(), shape, stride, seed, delta, noise_scale, grads);
+  return split_pair(grads, chain_ab[0], chain_ab.size());
+}
+
+// Loss and its gradients in one pass over the points (for callers that will backpropagate
+// anyway): half the work of the forward op followed by the backward op.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gradicon_loss_and_grad_cpu(
+    at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
+    const c10::optional<at::Tensor>& noise, int64_t seed, double delta, double noise_scale,
+    const c10::List<bool>& ab_needs_grad, const c10::List<bool>& ba_needs_grad) {
+  const Args args = prepare(chain_ab, chain_ba, shape, stride, noise, delta, noise_scale);
+  const auto grads = masked_gradients(args, ab_needs_grad, ba_needs_grad, chain_ab.size(), chain_ba.size());
+  const double loss = run_backward(args, 1.0, shape, stride, seed, delta, noise_scale, grads);
+  auto [grad_ab, grad_ba] = split_pair(grads, chain_ab[0], chain_ab.size());
+  return {at::scalar_tensor(loss, chain_ab[0].options()), grad_ab, grad_ba};
 }
 
 }  // namespace
@@ -413,6 +483,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> gradicon_loss_backw
 TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) {
   m.impl("gradicon_loss", &gradicon_loss_cpu);
   m.impl("gradicon_loss_backward", &gradicon_loss_backward_cpu);
+  m.impl("gradicon_loss_and_grad", &gradicon_loss_and_grad_cpu);
 }
 
 }  // namespace gradicon_fast::cpu
