@@ -33,6 +33,14 @@ namespace gradicon_fast::cuda {
 constexpr int kThreads = 256;  // threads per block of every kernel (a multiple of the warp size)
 constexpr int kWarp = 32;
 
+// Register budget. The reverse passes keep chain.h's stash (the position each field was sampled
+// at: fields × E × D numbers per thread) on the stack: chain.h's loops index it with the runtime
+// field number, so it lives in local memory (L1/L2-cached) whatever its declared size, and only
+// the count × E × D entries in use generate traffic. Templating the kernels on a maximum chain
+// length would shrink the reservation, not the traffic; keeping the stash in registers would need
+// compile-time chain lengths (fully unrolled loops in chain.h). The kernels size it kMaxChain
+// (single chains) or kMaxComposed (φ_AB∘φ_BA).
+//
 // Minimum resident blocks per SM asked of the compiler for the penalties' reverse passes
 // (__launch_bounds__): 2 caps float kernels at 128 registers (16 warps per SM instead of 8);
 // double kernels need more registers than that and keep 1.
@@ -65,6 +73,12 @@ __host__ __device__ __forceinline__ S store_as(V v) {
 // checked that every tensor is on chain[0]'s device, so it remains to check that it is CUDA.
 inline void check_cuda(const at::Tensor& ref, const char* name) {
   TORCH_CHECK(ref.is_cuda(), name, " must be a CUDA tensor for the CUDA kernels, got one on ", ref.device());
+}
+
+// A batch size of 0 would broadcast as if it were 1 (op_checks.h's merge_batch) and index an empty
+// tensor: rejected.
+inline void check_batch_sizes(at::TensorList tensors, const char* name) {
+  for (const auto& t : tensors) TORCH_CHECK(t.dim() >= 1 && t.size(0) >= 1, name, " has a tensor with batch size 0");
 }
 
 inline void check_on(const at::Tensor& t, const char* name, const at::Tensor& ref) {

@@ -83,6 +83,8 @@ Args prepare(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef s
   TORCH_CHECK(check_chain("chain_BA", chain_ba, args.batch) == args.d, "chain_AB and chain_BA must both be 2D or 3D");
   check_like("chain_BA[0]", chain_ba[0], "chain_AB[0]", chain_ab[0]);
   check_cuda(chain_ab[0], "chain_AB[0]");
+  check_batch_sizes(chain_ab, "chain_AB");
+  check_batch_sizes(chain_ba, "chain_BA");
   args.count = check_penalty(args.d, shape, stride, noise, chain_ab[0]);
   TORCH_CHECK(delta > 0, "delta must be positive, got ", delta);
   TORCH_CHECK(noise_scale >= 0, "noise_scale must be >= 0, got ", noise_scale);

@@ -3,6 +3,8 @@
 // field gradients with atomics (cuda_common.cuh).
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "cuda_common.cuh"
 
 namespace gradicon_fast::cuda {
@@ -64,8 +66,11 @@ Args prepare(at::TensorList chain, const at::Tensor& points) {
               points.sizes());
   check_like("points", points, "chain[0]", chain[0]);
   check_cuda(chain[0], "chain[0]");
+  check_batch_sizes(chain, "chain");
+  check_batch_sizes({points}, "points");
   args.batch = merge_batch(args.batch, points.size(0), "points");
-  args.n = points.numel() / (points.size(0) * args.d);
+  args.n = 1;
+  for (int64_t k = 2; k < points.dim(); ++k) args.n *= points.size(k);
   args.fields = contiguous_all(chain);
   args.points = points.contiguous();
   args.full_shape = args.points.sizes().vec();
@@ -117,7 +122,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> transform_points_backward_cuda(
   const int64_t work = args.batch * args.n;
   if (reverse_count > 0 && work > 0) {
     const int64_t x_batch_stride = args.points.size(0) == 1 ? 0 : args.d * args.n;
-    const uint32_t aggregate = aggregation_mask(args.fields, args.points.size(-1));
+    // Points laid out as a grid (B, d, *S): consecutive threads walk its last axis. Any other
+    // layout: judge by the density, as if the points were a grid of n points.
+    const int64_t along = args.points.dim() == args.d + 2
+                              ? args.points.size(-1)
+                              : static_cast<int64_t>(std::pow(static_cast<double>(args.n), 1.0 / args.d));
+    const uint32_t aggregate = aggregation_mask(args.fields, along);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     GF_CUDA_DISPATCH(args.points.scalar_type(), "transform_points_backward_cuda", [&] {
       using T = compute_t<scalar_t>;

@@ -138,6 +138,8 @@ Args prepare(const at::Tensor& image, at::TensorList chain, at::IntArrayRef shap
   TORCH_CHECK(image.size(1) < (int64_t(1) << 31), "image has too many channels: ", image.size(1));
   check_like("image", image, "chain[0]", chain[0]);
   check_cuda(chain[0], "chain[0]");
+  check_batch_sizes(chain, "chain");
+  check_batch_sizes({image}, "image");
   args.batch = merge_batch(args.batch, image.size(0), "image");
   TORCH_CHECK(static_cast<int64_t>(shape.size()) == args.d, "shape must have ", args.d, " entries, got ", shape);
   for (int64_t s : shape) TORCH_CHECK(s >= 1 && s < (int64_t(1) << 31), "shape entries must be >= 1, got ", shape);
