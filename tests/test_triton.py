@@ -94,6 +94,18 @@ def test_transform_points_partial_gradients(rng, which):
     assert relative_error(list(got), list(want)) < F32
 
 
+def test_singleton_axes(rng):
+    # Axes of size 1 (index always 0, zero derivative), in fields and in the warped image.
+    chain = leaves([(0.1 * torch.randn((2, 3, 1, 4, 3), generator=rng)).to(DEVICE),
+                    (0.1 * torch.randn((1, 3, 3, 1, 1), generator=rng)).to(DEVICE)])
+    points = random_points(rng, 2, 3, (8,)).to(torch.float32)
+    out, ref = T.transform_points(chain, points), R.transform_points(chain, points)
+    assert relative_error(out, ref) < F32
+    assert relative_error(list(_grads(out.sum(), chain)), list(_grads(ref.sum(), chain))) < F32
+    image = torch.randn((1, 1, 1, 3, 4), generator=rng).to(DEVICE)
+    assert relative_error(T.warp(image, chain, (2, 3, 1)), R.warp(image, chain, (2, 3, 1))) < F32
+
+
 def test_transform_points_float64(rng):
     # float64 fields compute in float64 (checked under the interpreter; not required on GPU).
     chain = leaves(_chain(rng, 2, 2, 2, dtype=torch.float64))
