@@ -120,9 +120,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Tests set this to run the 64-bit offset code on small tensors.
+FORCE_64BIT_OFFSETS = False
+
+
 def is_big(*tensors: torch.Tensor) -> bool:
     """Whether offsets into any of ``tensors`` need 64 bits."""
-    return any(t.numel() >= 2**31 for t in tensors)
+    return FORCE_64BIT_OFFSETS or any(t.numel() >= 2**31 for t in tensors)
 
 
 def slot_args(fields, grads, batch: int):

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import torch
 import triton
 
-from .chain import MAX_FIELDS, accumulation_dtype, grad_mask, is_big, slot_args, stop_index
+from .chain import MAX_FIELDS, accumulation_dtype, grad_mask, slot_args, stop_index
+from . import chain as _chain
 from .gradicon import gradicon_backward, gradicon_forward
 from .gradicon_analytic import gradicon_analytic_backward, gradicon_analytic_forward
 from .icon import icon_backward, icon_forward
@@ -144,7 +145,7 @@ def _transform_points(chain: list[Tensor], points: Tensor) -> Tensor:
     _launch(
         transform_points_forward, lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch),
         x, out, x, x, n, *slots, NF=len(fields), BATCHED=batched, GMASK=0, STOP=-1,
-        X_BATCHED=x.shape[0] != 1, BACKWARD=False, POINT_GRAD=False, **_common(d, x.dtype, is_big(x, out, *fields)))
+        X_BATCHED=x.shape[0] != 1, BACKWARD=False, POINT_GRAD=False, **_common(d, x.dtype, _chain.is_big(x, out, *fields)))
     return out
 
 
@@ -168,7 +169,7 @@ def _transform_points_backward(grad: Tensor, chain: list[Tensor], points: Tensor
             transform_points_backward, (triton.cdiv(n, block), batch),
             x, x, grad, grad_x if grad_x is not None else x, n, *slots, NF=len(fields), BATCHED=batched,
             GMASK=grad_mask(chain_needs_grad), STOP=stop, X_BATCHED=x.shape[0] != 1, BACKWARD=True,
-            POINT_GRAD=points_needs_grad, **_common(d, x.dtype, is_big(x, grad, *fields)),
+            POINT_GRAD=points_needs_grad, **_common(d, x.dtype, _chain.is_big(x, grad, *fields)),
             BLOCK=block, num_warps=NUM_WARPS)
     if grad_x is None:
         grad_x = x.new_empty((0,))
@@ -200,7 +201,7 @@ def _warp(image: Tensor, chain: list[Tensor], shape: list[int]) -> Tensor:
         warp_forward, lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch),
         img, out, img, img, img.shape[1], n, *_padded(img.shape[2:]), *_padded(shape), *slots, NF=len(fields),
         BATCHED=batched, GMASK=0, STOP=-1, IMG_BATCHED=img.shape[0] != 1, BACKWARD=False, IMAGE_GRAD=False,
-        **_common(d, img.dtype, is_big(img, out, *fields)))
+        **_common(d, img.dtype, _chain.is_big(img, out, *fields)))
     return out
 
 
@@ -223,7 +224,7 @@ def _warp_backward(grad: Tensor, image: Tensor, chain: list[Tensor], shape: list
             img, img, grad, grad_img if grad_img is not None else img, img.shape[1], n, *_padded(img.shape[2:]),
             *_padded(shape), *slots, NF=len(fields), BATCHED=batched, GMASK=grad_mask(chain_needs_grad), STOP=stop,
             IMG_BATCHED=img.shape[0] != 1, BACKWARD=True, IMAGE_GRAD=image_needs_grad,
-            **_common(d, img.dtype, is_big(img, grad, *fields)), BLOCK=block, num_warps=NUM_WARPS)
+            **_common(d, img.dtype, _chain.is_big(img, grad, *fields)), BLOCK=block, num_warps=NUM_WARPS)
     grad_image = grad_img.to(img.dtype) if grad_img is not None else img.new_empty((0,))
     return grad_image, _returned(buffers, fields)
 
@@ -252,7 +253,7 @@ def _gradicon_launch(kernel, grid, fields, buffers, batch, d, shape, stride, noi
         noise_arg, partial, grad_loss, n, *_padded(shape), *_padded(counts), int(stride), int(seed),
         float_bits(noise_scale), float_bits(delta), batch * d * n, *slots, NF=len(fields), BATCHED=batched,
         GMASK=gmask, STOP=stop, HAS_NOISE=has_noise, BACKWARD=backward,
-        **_common(d, fields[0].dtype, is_big(noise_arg, *fields)), TILE=TILE, **launch)
+        **_common(d, fields[0].dtype, _chain.is_big(noise_arg, *fields)), TILE=TILE, **launch)
 
 
 def _gradicon_loss(chain_ab: list[Tensor], chain_ba: list[Tensor], shape: list[int], stride: int,
@@ -292,7 +293,7 @@ def _analytic_launch(kernel, grid, fields, buffers, batch, d, shape, stride, noi
         kernel, grid(n),
         noise_arg, partial, grad_loss, n, *_padded(shape), *_padded(counts), int(stride), int(seed),
         float_bits(noise_scale), batch * d * n, *slots, NF=len(fields), BATCHED=batched, GMASK=gmask, STOP=stop,
-        HAS_NOISE=has_noise, BACKWARD=backward, **_common(d, fields[0].dtype, is_big(noise_arg, *fields)), TILE=TILE,
+        HAS_NOISE=has_noise, BACKWARD=backward, **_common(d, fields[0].dtype, _chain.is_big(noise_arg, *fields)), TILE=TILE,
         **launch)
 
 
@@ -334,7 +335,7 @@ def _icon_launch(kernel, grid, fields, buffers, n_ab, batch, d, shape, noise, se
         kernel, grid(n),
         noise_arg, partial, grad_loss, n, *_padded(shape), int(seed), float_bits(noise_scale), batch * d * n,
         *slots, NF=len(fields), NA=n_ab, BATCHED=batched, GMASK=gmask, STOP_AB=stop_ab, STOP_BA=stop_ba,
-        HAS_NOISE=has_noise, BACKWARD=backward, **_common(d, fields[0].dtype, is_big(noise_arg, *fields)),
+        HAS_NOISE=has_noise, BACKWARD=backward, **_common(d, fields[0].dtype, _chain.is_big(noise_arg, *fields)),
         TILE=TILE, **launch)
 
 
@@ -370,7 +371,7 @@ def _normal_noise(seed: int, d: int, points_shape: list[int], dtype: torch.dtype
     n = math.prod(points_shape)
     if n:
         block = noise_block()
-        _launch(normal_noise_kernel, (triton.cdiv(n, block),), out, n, int(seed), D=d, BIG=is_big(out), BLOCK=block,
+        _launch(normal_noise_kernel, (triton.cdiv(n, block),), out, n, int(seed), D=d, BIG=_chain.is_big(out), BLOCK=block,
                 num_warps=NUM_WARPS)
     return out
 

@@ -106,6 +106,33 @@ def test_singleton_axes(rng):
     assert relative_error(T.warp(image, chain, (2, 3, 1)), R.warp(image, chain, (2, 3, 1))) < F32
 
 
+def test_64bit_offsets(rng, monkeypatch):
+    # The int64 offset code (used when a tensor has 2^31 elements or more), forced on small tensors.
+    from gradicon_fast.kernels import chain as chain_module
+
+    monkeypatch.setattr(chain_module, "FORCE_64BIT_OFFSETS", True)
+    d = 3
+    chain = leaves(_chain(rng, d, 2, 2, hi=5))
+    points = random_points(rng, 1, d, (9,)).to(torch.float32)
+    out, ref = T.transform_points(chain, points), R.transform_points(chain, points)
+    assert relative_error(out, ref) < F32
+    assert relative_error(list(_grads(out.sum(), chain)), list(_grads(ref.sum(), chain))) < F32
+    image = leaves([torch.randn((1, 2, 4, 3, 5), generator=rng).to(DEVICE)])[0]
+    out, ref = T.warp(image, chain, (3, 4, 2)), R.warp(image, chain, (3, 4, 2))
+    assert relative_error(out, ref) < F32
+    assert relative_error(list(_grads(out.sum(), [image] + chain)), list(_grads(ref.sum(), [image] + chain))) < F32
+    shape = (4, 3, 5)
+    noise = _noise(rng, d, shape)
+    loss = T.icon_loss(chain[:1], chain[1:], shape, noise, 0, 0.2)
+    ref = R.icon_loss(chain[:1], chain[1:], shape=shape, noise=noise, noise_scale=0.2)
+    assert abs(loss.item() - ref.item()) <= F32 * abs(ref.item())
+    loss = T.gradicon_loss(chain[:1], chain[1:], shape, 2, None, 11, 1e-3, 0.4)
+    noise = T.normal_noise(11, d, R.loss_points_shape(shape, 2), device=DEVICE)
+    ref = R.gradicon_loss(chain[:1], chain[1:], shape=shape, stride=2, noise=noise, noise_scale=0.4)
+    assert abs(loss.item() - ref.item()) <= FD_VALUE * abs(ref.item())
+    assert relative_error(list(_grads(loss, chain)), list(_grads(ref, chain))) < FD_GRAD
+
+
 def test_transform_points_float64(rng):
     # float64 fields compute in float64 (checked under the interpreter; not required on GPU).
     chain = leaves(_chain(rng, 2, 2, 2, dtype=torch.float64))
