@@ -148,3 +148,14 @@ def test_fused_loss_refuses_a_second_backward(rng):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="fuse_cpu_loss_and_grad"):
         loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_loss_and_grad_opcheck(rng, dtype):
+    ab = [(0.05 * torch.randn(2, 3, 4, 5, 3, generator=rng, dtype=dtype)), 0.05 * torch.randn(1, 3, 3, 4, 5, dtype=dtype)]
+    ba = [0.05 * torch.randn(2, 3, 5, 4, 4, generator=rng, dtype=dtype)]
+    noise = torch.randn(1, 3, 2, 3, 2, generator=rng, dtype=dtype)
+    for args in [(ab, ba, [4, 5, 3], 2, noise, 0, 1e-3, 0.3, [True, False], [True]),
+                 (ab, ba, [4, 5, 3], 1, None, 12345, 1e-3, 0.2, [False, True], [False])]:
+        result = torch.library.opcheck(torch.ops.gradicon_fast.gradicon_loss_and_grad, args)
+        assert all(v == "SUCCESS" for v in result.values()), result
