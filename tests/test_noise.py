@@ -111,8 +111,15 @@ def test_normal_noise_layout(rng):
 
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_seeded_penalties_equal_reference_with_that_noise(rng, d, dtype):
+@pytest.mark.parametrize("fused", [True, False], ids=["one-pass", "two-pass"])
+def test_seeded_penalties_equal_reference_with_that_noise(rng, d, dtype, fused, monkeypatch):
+    """fused=False: GradICON's backward op regenerates the noise from the seed (nothing is stored)."""
     from gradicon_fast import ops
+
+    if hasattr(ops, "fuse_cpu_loss_and_grad"):
+        monkeypatch.setattr(ops, "fuse_cpu_loss_and_grad", fused)
+    elif fused:
+        pytest.skip("no one-pass loss-and-gradient path")
 
     batch = 2
     ab = [random_field(rng, batch, random_shape(rng, d, 2, 6), 0.08, dtype),
