@@ -35,8 +35,11 @@ def _triton_ops():
     return triton_ops
 
 
-def _impl(backend: str):
+def _impl(backend: str, dtype: torch.dtype | None = None):
     """Module with transform_points/warp/gradicon_loss/icon_loss for a concrete backend."""
+    if backend == "cpu" and dtype not in (None, torch.float32, torch.float64):
+        raise TypeError(f"backend 'cpu' computes in float32 or float64, but the fields are {dtype}; "
+                        "convert them (e.g. .float()) or use backend='torch'")
     if backend in ("cpu", "cuda"):
         return _fused_ops()
     if backend == "triton":
@@ -62,7 +65,7 @@ def transform_points(chain: Sequence[Tensor], points: Tensor, *, backend: str | 
     name = _backends.resolve(backend, points.device)
     if name == "torch":
         return _ref.transform_points(list(chain), points)
-    return _impl(name).transform_points(chain, points)
+    return _impl(name, chain[0].dtype).transform_points(chain, points)
 
 
 def compose(chain: Sequence[Tensor], shape: Sequence[int], *, backend: str | None = None) -> Tensor:
@@ -96,7 +99,7 @@ def warp(image: Tensor, chain: Sequence[Tensor], *, shape: Sequence[int] | None 
         return _ref._poison_non_finite(_ref.sample(image, coords, mode="nearest"), coords)
     if name == "torch":
         return _ref.warp(image, list(chain), shape)
-    return _impl(name).warp(image, chain, shape)
+    return _impl(name, chain[0].dtype).warp(image, chain, shape)
 
 
 def _draw_seed(generator: torch.Generator | None) -> int:
@@ -145,7 +148,7 @@ def gradicon_loss(chain_AB: Sequence[Tensor], chain_BA: Sequence[Tensor], *, sha
         if name == "torch":
             return _ref.gradicon_loss_analytic(list(chain_AB), list(chain_BA), shape=shape, stride=stride,
                                                noise=noise, noise_scale=noise_scale, symmetric=symmetric)
-        impl = _impl(name)
+        impl = _impl(name, chain_AB[0].dtype)
         loss = impl.gradicon_analytic_loss(chain_AB, chain_BA, shape, stride, noise, seed, noise_scale)
         if symmetric:
             loss = loss + impl.gradicon_analytic_loss(chain_BA, chain_AB, shape, stride, noise, seed, noise_scale)
@@ -153,7 +156,7 @@ def gradicon_loss(chain_AB: Sequence[Tensor], chain_BA: Sequence[Tensor], *, sha
     if name == "torch":
         return _ref.gradicon_loss(list(chain_AB), list(chain_BA), shape=shape, stride=stride, noise=noise,
                                   delta=delta, noise_scale=noise_scale, symmetric=symmetric)
-    impl = _impl(name)
+    impl = _impl(name, chain_AB[0].dtype)
     loss = impl.gradicon_loss(chain_AB, chain_BA, shape, stride, noise, seed, delta, noise_scale)
     if symmetric:
         loss = loss + impl.gradicon_loss(chain_BA, chain_AB, shape, stride, noise, seed, delta, noise_scale)
@@ -174,7 +177,7 @@ def icon_loss(chain_AB: Sequence[Tensor], chain_BA: Sequence[Tensor], *, shape: 
     noise, seed = _penalty_noise(noise, generator, d, shape, chain_AB[0], name)
     if name == "torch":
         return _ref.icon_loss(list(chain_AB), list(chain_BA), shape=shape, noise=noise, noise_scale=noise_scale)
-    return _impl(name).icon_loss(chain_AB, chain_BA, shape, noise, seed, noise_scale)
+    return _impl(name, chain_AB[0].dtype).icon_loss(chain_AB, chain_BA, shape, noise, seed, noise_scale)
 
 
 def jacobian_determinant(phi: Tensor) -> Tensor:

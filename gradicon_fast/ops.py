@@ -24,6 +24,9 @@ def _grads_or_none(grads: Sequence[Tensor], needed: Sequence[bool]) -> list[Tens
 
 
 def _batch(*tensors: Tensor) -> int:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:  # the C++ kernels check this too, but a meta tensor routes here instead
+        raise RuntimeError(f"gradicon_fast: all tensors must be on one device, got {sorted(map(str, devices))}")
     return max(t.shape[0] for t in tensors)
 
 
@@ -59,6 +62,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "gradicon_loss")
     def _(chain_ab, chain_ba, shape, stride, noise, seed, delta, noise_scale):
+        _batch(*chain_ab, *chain_ba)
         return chain_ab[0].new_empty(())
 
     def _pair_grads_fake(chain_ab, chain_ba, ab_needs_grad, ba_needs_grad):
@@ -75,6 +79,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "icon_loss")
     def _(chain_ab, chain_ba, shape, noise, seed, noise_scale):
+        _batch(*chain_ab, *chain_ba)
         return chain_ab[0].new_empty(())
 
     @torch.library.register_fake(lib + "icon_loss_backward")

@@ -52,6 +52,10 @@ def sample(field: Tensor, coords: Tensor, *, mode: str = "bilinear") -> Tensor:
     points_shape = coords.shape[2:]
     # grid_sample wants (B, *grid, d) in [-1, 1] with the last spatial axis first; any point
     # layout goes through as a (N, 1[, 1]) grid.
+    # A NaN coordinate crashes grid_sample's CPU backward (torch 2.13): sample a finite stand-in
+    # instead (any value outside [0, 1] clamps). The callers keep the NaN: a chain adds the
+    # coordinates to the sample, and warp poisons its output.
+    coords = torch.nan_to_num(coords, nan=0.0, posinf=2.0, neginf=-1.0)
     grid = (2 * coords.reshape(coords.shape[0], d, -1) - 1).movedim(1, -1).flip(-1)
     grid = grid.reshape(grid.shape[0], -1, *([1] * (d - 1)), d).expand(batch, -1, *([1] * (d - 1)), d)
     field = field.expand(batch, *field.shape[1:])
@@ -162,10 +166,16 @@ def _forward_differences(phi: Tensor) -> list[Tensor]:
 
 
 def cell_volumes(phi: Tensor) -> Tensor:
-    """Signed volume (area in 2D) of each grid cell under the map ``phi``: SPEC §4's dV or dA."""
-    d = phi.ndim - 2
-    if d == 3:
-        a, b, c = _forward_differences(phi)
+    """Signed volume (area in 2D) of each grid cell under the map ``phi``: SPEC §4's dV or dA.
+
+    As in the published code, the 3D edge vectors meet at each cell's last corner and the 2D ones
+    at its first.
+    """
+    if phi.ndim - 2 == 3:
+        last = phi[:, :, 1:, 1:, 1:]
+        a = last - phi[:, :, :-1, 1:, 1:]
+        b = last - phi[:, :, 1:, :-1, 1:]
+        c = last - phi[:, :, 1:, 1:, :-1]
         return (torch.linalg.cross(a, b, dim=1) * c).sum(dim=1)
     du, dv = _forward_differences(phi)
     return du[:, 0] * dv[:, 1] - du[:, 1] * dv[:, 0]

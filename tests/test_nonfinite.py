@@ -200,9 +200,7 @@ def run_backward_scenario(code, backend):
 
 @pytest.mark.parametrize("scenario", list(NAN_BACKWARD_SCENARIOS))
 @pytest.mark.parametrize("backend", [
-    pytest.param("torch", marks=pytest.mark.xfail(
-        strict=True, reason="bug: the reference hands NaN coordinates to F.grid_sample, whose CPU backward "
-                            "(padding_mode='border') segfaults on them in torch 2.13")),
+    "torch",
     pytest.param("cpu", marks=pytest.mark.skipif(not HAS_CPU_KERNELS, reason="extension not built")),
 ])
 def test_reference_backward_with_nan_positions(backend, scenario):

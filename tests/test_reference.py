@@ -260,8 +260,6 @@ def test_fold_percentage_one_known_cell_2d(rng):
     assert np_folds(to_np(phi)) == pytest.approx(100.0 / cells)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: reference.cell_volumes uses forward differences at the cell's first "
-                                       "corner in 3D, SPEC §4 (the published code) differences at its last corner")
 def test_fold_percentage_one_known_cell_3d(rng):
     shape = random_shape(rng, 3, 3, 6)
     phi = gf.identity_map(shape, dtype=torch.float64).clone()
@@ -277,9 +275,7 @@ def test_fold_percentage_one_known_cell_3d(rng):
 
 
 @pytest.mark.parametrize(
-    "d", [2, pytest.param(3, marks=pytest.mark.xfail(
-        strict=True, reason="bug: reference.cell_volumes in 3D differs from SPEC §4 (forward differences at the "
-                            "first corner instead of the last): other cells are counted on non-affine maps"))])
+    "d", [2, 3])
 def test_fold_percentage_matches_spec_on_random_maps(rng, d):
     # rough random maps with many folds: the exact set of cells counted matters
     for _ in range(3):

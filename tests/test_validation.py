@@ -249,9 +249,6 @@ def test_compiled_ops_reject(call, pattern):
 
 
 @requires_cpu_kernels
-@pytest.mark.xfail(strict=True, reason="bug: a chain mixing cpu and meta tensors dispatches to the fake kernel "
-                                       "(Meta outranks CPU), which checks no devices and returns an uninitialised "
-                                       "CPU tensor instead of raising")
 def test_compiled_ops_reject_mixed_devices():
     with pytest.raises(RuntimeError, match=re.compile(r"meta|device", re.I)):
         ops().transform_points([F2, field(device="meta")], P2)
