@@ -317,7 +317,7 @@ def _gradicon_analytic_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain
     buffers = _grad_buffers(fields, needs)
     stop = stop_index(needs, False)
     if stop >= 0:
-        block = backward_block(d)
+        block = max(8, backward_block(d) // 2)  # the reverse pass also keeps J - I per field
         _analytic_launch(gradicon_analytic_backward, lambda n: (triton.cdiv(n, block), batch), fields, buffers, batch,
                          d, shape, stride, noise, seed, noise_scale, fields[0], grad.contiguous(), grad_mask(needs),
                          stop, True, {"BLOCK": block, "num_warps": NUM_WARPS})
