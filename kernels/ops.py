@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 import torch
 import triton
 
-from .chain import MAX_FIELDS, accumulation_dtype, grad_mask, slot_args, stop_index
 from . import chain as _chain
+from .chain import MAX_FIELDS, accumulation_dtype, grad_mask, slot_args, stop_index
 from .gradicon import gradicon_backward, gradicon_forward
 from .gradicon_analytic import gradicon_analytic_backward, gradicon_analytic_forward
 from .icon import icon_backward, icon_forward
