@@ -216,15 +216,10 @@ def landmark_error_mm(chain: Sequence[torch.Tensor] | None, pair: SyntheticPair)
 # ------------------------------------------------------------------------------------------------
 
 
-def _middle_slices(volume: np.ndarray) -> np.ndarray:
-    """The middle slice across the last axis of a 3D array (the array itself in 2D)."""
-    return volume[..., volume.shape[-1] // 2] if volume.ndim == 3 else volume
-
-
 def save_figure(path: str, pair: SyntheticPair, warped: torch.Tensor, phi: torch.Tensor, jacobian: torch.Tensor,
                 title: str = "") -> None:
-    """PNG of the middle slice: fixed, moving, warped (label outlines of the fixed image), the deformation
-    grid (φ's in-plane components) and the Jacobian determinant map."""
+    """PNG of one slice (across the last axis, where the labels cover the most): fixed, moving, warped
+    (with label outlines), the deformation grid (φ's in-plane components) and the Jacobian determinant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,23 +228,28 @@ def save_figure(path: str, pair: SyntheticPair, warped: torch.Tensor, phi: torch
     from .io import atomic_output
 
     d = pair.geometry.ndim
-    fixed = _middle_slices(pair.fixed[0, 0].numpy())
-    moving = _middle_slices(pair.moving[0, 0].numpy())
-    warped_s = _middle_slices(warped[0, 0].numpy())
-    labels = _middle_slices(pair.fixed_labels[0, 0].numpy())
-    jac = _middle_slices(jacobian[0].numpy())
+    fixed_labels = pair.fixed_labels[0, 0].numpy()
+    index = int(np.argmax((fixed_labels > 0).reshape(-1, fixed_labels.shape[-1]).sum(0))) if d == 3 else None
+
+    def cut(volume: np.ndarray) -> np.ndarray:
+        return volume[..., min(index, volume.shape[-1] - 1)] if d == 3 else volume
+
+    fixed = cut(pair.fixed[0, 0].numpy())
+    panels = [(fixed, cut(fixed_labels), "fixed (its labels outlined)"),
+              (cut(pair.moving[0, 0].numpy()), cut(pair.moving_labels[0, 0].numpy()), "moving (its labels outlined)"),
+              (cut(warped[0, 0].numpy()), cut(fixed_labels), "warped moving (fixed labels outlined)")]
+    jac = cut(jacobian[0].numpy())
     grid_map = phi[0].numpy()
     if d == 3:
-        grid_map = grid_map[:2, ..., grid_map.shape[-1] // 2]
+        grid_map = grid_map[:2, ..., index]
     fig, axes = plt.subplots(1, 5, figsize=(20, 4.4))
-    show = dict(cmap="gray", vmin=0, vmax=1, origin="lower")
-    for ax, img, name in zip(axes[:3], (fixed, moving, warped_s), ("fixed", "moving", "warped moving")):
-        ax.imshow(img.T, **show)
+    for ax, (img, labels, name) in zip(axes[:3], panels):
+        ax.imshow(img.T, cmap="gray", vmin=0, vmax=1, origin="lower")
         for label in range(1, pair.num_labels + 1):
             if (labels == label).any():
                 ax.contour((labels == label).T.astype(float), levels=[0.5], colors=[plt.cm.tab10(label % 10)],
                            linewidths=0.8)
-        ax.set_title(name + " (fixed labels outlined)" if name != "moving" else name)
+        ax.set_title(name)
     ax = axes[3]
     ax.imshow(fixed.T, cmap="gray", vmin=0, vmax=1, origin="lower", alpha=0.4)
     scale = np.array(fixed.shape, dtype=float) - 1

@@ -245,7 +245,8 @@ def warp_image(moving, field: DisplacementField, *, mode: str = "bilinear", back
 
     ``moving`` is an :class:`~gradicon_fast.io.image.Image` on any grid; the field's targets are
     converted to the moving grid's [0, 1] coordinates, so nothing is interpolated twice.
-    ``mode="nearest"`` is for label maps (the output keeps the input's dtype).
+    ``mode="nearest"`` is for label maps (the output keeps the input's dtype); linear interpolation
+    gives float32.
     """
     from .. import functional as gfn
     from .. import reference
@@ -261,6 +262,7 @@ def warp_image(moving, field: DisplacementField, *, mode: str = "bilinear", back
     warped = gfn.warp(moving.tensor(dtype=torch.float32), [disp.contiguous()], shape=shape, mode=mode,
                       backend=backend)
     out = warped[0, 0].numpy()
-    if mode == "nearest" or np.issubdtype(original_dtype, np.integer):
-        out = np.rint(out).astype(original_dtype) if np.issubdtype(original_dtype, np.integer) else out
+    if mode == "nearest":
+        out = np.rint(out).astype(original_dtype) if np.issubdtype(original_dtype, np.integer) \
+            else out.astype(original_dtype, copy=False)
     return Image(out, field.geometry)
