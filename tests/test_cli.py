@@ -342,3 +342,24 @@ def test_train_delegates_to_the_network_layer(tmp_path, capsys):
     # the trained model registers 2D images through the command line's model path
     nn = pytest.importorskip("gradicon_fast.nn")
     assert nn.load_model(tmp_path / "run" / "stage2" / "model.pt").input_shape == (32, 32)
+
+
+def test_register_and_warp_2d(tmp_path, capsys):
+    pair = make_synthetic_pair((64, 48), 4.0, max_displacement_mm=10.0, num_landmarks=50, seed=7)
+    g = io.Geometry((64, 48), (4.0, 3.5), (-20.0, 10.0), (0.0, -1.0, 1.0, 0.0))
+    for name in ("fixed", "moving", "moving_labels"):
+        io.write_image(tmp_path / f"{name}.nrrd", io.Image(pair.image(name).array, g))
+    proc = InProcess(capsys, "register", "--fixed", tmp_path / "fixed.nrrd", "--moving", tmp_path / "moving.nrrd",
+                     "--transform-out", tmp_path / "t.nii.gz", "--warped-out", tmp_path / "w.nrrd", "-q")
+    assert proc.returncode == 0, proc.stderr
+    proc = InProcess(capsys, "warp", "--moving", tmp_path / "moving_labels.nrrd", "--transform", tmp_path / "t.nii.gz",
+                     "--reference", tmp_path / "fixed.nrrd", "--out", tmp_path / "l.nrrd", "--nearest", "-q")
+    assert proc.returncode == 0, proc.stderr
+    import torch
+
+    labels = torch.as_tensor(io.read_image(tmp_path / "l.nrrd", dtype=None).array.astype(np.int64))
+    fixed_labels = torch.as_tensor(pair.image("fixed_labels").array.astype(np.int64))
+    moving_labels = torch.as_tensor(pair.image("moving_labels").array.astype(np.int64))
+    assert dice(labels, fixed_labels, 5) > dice(moving_labels, fixed_labels, 5)
+    proc = InProcess(capsys, "jacobian", "--transform", tmp_path / "t.nii.gz")
+    assert proc.returncode == 0 and proc.stdout.startswith("folds: 0.0000 %")

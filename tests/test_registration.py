@@ -186,7 +186,6 @@ def test_masks_and_empty_overlap():
 def test_recovers_a_known_deformation_at_150_cubed():
     """The issue's case: ~150³ at 2 mm, deformation up to 20 mm, default settings."""
     pair = make_synthetic_pair((150, 150, 150), 2.0, max_displacement_mm=20.0, num_landmarks=300, seed=0)
-    torch.set_num_threads(2)
     r = _recovery(pair)
     print(f"150³: landmark error {r['before']:.2f} -> {r['after']:.2f} mm, Dice {r['dice_before']:.3f} -> "
           f"{r['dice_after']:.3f}, folds {r['folds']:.4f} %, {r['seconds']:.1f} s")
