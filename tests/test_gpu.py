@@ -264,6 +264,31 @@ def test_gradicon_loss_protocol_resolutions(rng, d, dtype, stride):
 
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_gradicon_loss_and_grad(rng, d, dtype):
+    """The one-pass op (loss and unit-upstream gradients together) equals the two-pass ops."""
+    ab, ba = penalty_pair(rng, d, dtype)
+    shape = random_shape(rng, d, 3, 12 if d == 2 else 8)
+    ops = torch.ops.gradicon_fast
+    for stride in (1, 2):
+        noise = cuda(torch.randn(1, d, *R.loss_points_shape(shape, stride), generator=rng, dtype=torch.float64)
+                     .to(dtype))
+        for noise_arg, seed in ((noise, 0), (None, 12345)):
+            args = (list(shape), stride, noise_arg, seed, 1e-3, stride / shape[-1])
+            needs_ab = [True] * len(ab)
+            needs_ba = [coin(rng) for _ in ba]
+            loss, g_ab, g_ba = ops.gradicon_loss_and_grad(ab, ba, *args, needs_ab, needs_ba)
+            expected = ops.gradicon_loss(ab, ba, *args)
+            assert torch.equal(loss, expected)  # the same per-point sums, reduced in the same order
+            e_ab, e_ba = ops.gradicon_loss_backward(torch.ones_like(expected), ab, ba, *args, needs_ab, needs_ba)
+            check(list(g_ab), list(e_ab), 1e-12 if dtype == torch.float64 else 1e-6, "loss_and_grad AB")
+            for g, e, n in zip(g_ba, e_ba, needs_ba):
+                assert g.numel() == 0 if not n else g.shape == e.shape
+                if n:
+                    check(g, e, 1e-12 if dtype == torch.float64 else 1e-6, "loss_and_grad BA")
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_gradicon_analytic_loss(rng, d, dtype, stride):
     """mode="analytic": the exact Jacobian penalty (values 1e-5 / gradients 1e-4 in float32, as on the CPU)."""
