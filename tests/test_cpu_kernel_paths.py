@@ -16,7 +16,17 @@ PATHS = ["scalar", "lanes", "simd8"]
 
 
 def _random_chain(rng, sizes, batch, d, scale):
-    return [(scale * torch.randn(batch, d, *s, generator=rng)).requires_grad_() for s in sizes]
+    """Smooth random fields (noise on a grid a third as fine, upsampled): with rough fields, a float32
+    rounding that moves one of GradICON's δ-shifted points into the next cell changes that point's
+    1/δ-sized gradient terms by the jump in slope, in every implementation alike (covered in
+    float64 by test_cpu_parity)."""
+    chain = []
+    for s in sizes:
+        coarse = torch.randn(batch, d, *[max(2, (n + 2) // 3) for n in s], generator=rng)
+        mode = "trilinear" if d == 3 else "bilinear"
+        field = torch.nn.functional.interpolate(coarse, size=tuple(s), mode=mode, align_corners=True)
+        chain.append((scale * field).requires_grad_())
+    return chain
 
 
 def _run(path, monkeypatch, fn):

@@ -10,34 +10,6 @@
 
 namespace gradicon_fast::cpu::simd {
 
-// Per-field constants of the vector path: int32 spatial strides (the caller checks that every
-// field fits in int32 offsets).
-template <int D>
-struct Strides32 {
-  int32_t stride[kMaxComposed][D];
-};
-
-template <int D>
-Strides32<D> strides32(const ChainRef<float, D>& chain) {
-  Strides32<D> s;
-  for (int j = 0; j < chain.count; ++j)
-    for (int k = 0; k < D; ++k) s.stride[j][k] = static_cast<int32_t>(chain.field[j].stride[k]);
-  return s;
-}
-
-// Can the vector path address every element of these tensors with int32 offsets?
-template <int D>
-bool fits_int32(const FieldRef<float, D>& f) {
-  return f.channel_stride * f.channels < (int64_t(1) << 31);
-}
-
-template <int D>
-bool fits_int32(const ChainRef<float, D>& chain) {
-  for (int j = 0; j < chain.count; ++j)
-    if (!fits_int32(chain.field[j])) return false;
-  return true;
-}
-
 template <int D, int E>
 inline void chain_forward8(const ChainRef<float, D>& chain, const Strides32<D>& s32, int64_t b, f8 (&y)[E][D],
                            f8 (*stash)[E][D]) {

@@ -156,6 +156,28 @@ bool chain_touches_only(const ChainRef<T, D>& chain, const int* target, int64_t 
   return true;
 }
 
+// The vector kernels address fields with int32 offsets: per-field spatial strides as int32, and
+// whether every element of the chain's fields fits.
+template <int D>
+struct Strides32 {
+  int32_t stride[kMaxComposed][D];
+};
+
+template <int D>
+Strides32<D> strides32(const ChainRef<float, D>& chain) {
+  Strides32<D> s;
+  for (int j = 0; j < chain.count; ++j)
+    for (int k = 0; k < D; ++k) s.stride[j][k] = static_cast<int32_t>(chain.field[j].stride[k]);
+  return s;
+}
+
+template <int D>
+bool fits_int32(const ChainRef<float, D>& chain) {
+  for (int j = 0; j < chain.count; ++j)
+    if (chain.field[j].channel_stride * chain.field[j].channels >= (int64_t(1) << 31)) return false;
+  return true;
+}
+
 struct PlainAdd {
   template <typename T>
   void operator()(T* p, T v) const {

@@ -210,19 +210,6 @@ double backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<flo
 namespace lanes_impl {
 using namespace lanes;
 
-template <int D>
-struct Strides {
-  int32_t s[kMaxComposed][D];
-};
-
-template <int D>
-Strides<D> strides_of(const ChainRef<float, D>& chain) {
-  Strides<D> t;
-  for (int j = 0; j < chain.count; ++j)
-    for (int k = 0; k < D; ++k) t.s[j][k] = static_cast<int32_t>(chain.field[j].stride[k]);
-  return t;
-}
-
 // Lane e holds x + δ ê_{e-1} (lane 0: x); in 2D lane 3 repeats lane 0.
 template <int D>
 void start_lanes(const float (&x)[D], float delta, f4 (&start)[D]) {
@@ -234,7 +221,7 @@ void start_lanes(const float (&x)[D], float delta, f4 (&start)[D]) {
 
 template <int D>
 double forward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& pts, int64_t batch, float delta) {
-  const Strides<D> st = strides_of(chain);
+  const Strides32<D> st = strides32(chain);
   const double sum = deterministic_sum(pts.num_points, [&](int64_t p) {
     float x[D];
     penalty_point(pts, p, x);
@@ -244,7 +231,7 @@ double forward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& p
     for (int64_t b = 0; b < batch; ++b) {
       f4 y[D];
       for (int k = 0; k < D; ++k) y[k] = start[k];
-      chain_forward4<D>(chain, st.s, b, y, nullptr);
+      chain_forward4<D>(chain, st.stride, b, y, nullptr);
       f4 e[D];
       for (int c = 0; c < D; ++c) e[c] = start[c] - y[c];
       for (int k = 0; k < D; ++k)
@@ -264,7 +251,7 @@ double backward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& 
   const int64_t n = pts.num_points;
   const float scale_sum = grad_loss / static_cast<float>(batch * D * n);
   const float s = 2.f * scale_sum / delta;
-  const Strides<D> st = strides_of(chain);
+  const Strides32<D> st = strides32(chain);
   std::vector<int64_t> rows;
   int target[kMaxComposed];
   for (int j = 0; j < chain.count; ++j) {
@@ -281,7 +268,7 @@ double backward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& 
     f4 start[D], y[D], stash[kMaxComposed][D];
     start_lanes(x, delta, start);
     for (int k = 0; k < D; ++k) y[k] = start[k];
-    chain_forward4<D>(chain, st.s, b, y, stash);
+    chain_forward4<D>(chain, st.stride, b, y, stash);
     for (int j = 0; j < chain.count; ++j) {
       if (!chain.field[j].grad) continue;
       for (int e = 0; e <= D; ++e)
@@ -301,7 +288,7 @@ double backward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& 
         a[c][0] -= v;
         a[c][k + 1] = v;
       }
-    chain_backward4<D>(chain, st.s, b, stash, a);
+    chain_backward4<D>(chain, st.stride, b, stash, a);
     return sq;
   };
   return for_each_item_owning_rows(
@@ -340,7 +327,7 @@ inline Path float_path() {
 template <typename T, int D>
 double forward(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch, T delta) {
   if constexpr (std::is_same_v<T, float>) {
-    if (lanes::fits_int32(chain)) {
+    if (fits_int32(chain)) {
       switch (float_path()) {
         case Path::kLanes:
           return lanes_impl::forward<D>(chain, pts, batch, delta);
@@ -359,7 +346,7 @@ double forward(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int6
 template <typename T, int D>
 double backward(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch, T delta, T grad_loss) {
   if constexpr (std::is_same_v<T, float>) {
-    if (lanes::fits_int32(chain)) {
+    if (fits_int32(chain)) {
       switch (float_path()) {
         case Path::kLanes:
           return lanes_impl::backward<D>(chain, pts, batch, delta, grad_loss);

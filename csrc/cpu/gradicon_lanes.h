@@ -217,12 +217,4 @@ inline void chain_backward4(const ChainRef<float, D>& chain, const int32_t (*str
     field_backward(chain.field[j], stride32[j], b, stash[j], a, j < chain.count - 1);
 }
 
-// Can every element of the chain's fields be addressed with int32 offsets?
-template <int D>
-bool fits_int32(const ChainRef<float, D>& chain) {
-  for (int j = 0; j < chain.count; ++j)
-    if (chain.field[j].channel_stride * chain.field[j].channels >= (int64_t(1) << 31)) return false;
-  return true;
-}
-
 }  // namespace gradicon_fast::cpu::lanes
