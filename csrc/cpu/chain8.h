@@ -10,16 +10,27 @@
 
 namespace gradicon_fast::cpu::simd {
 
+// y ← φ(y) through the chain. stash (if given) keeps each field's input positions and jacobian
+// (if given) its spatial derivatives there, jacobian[j][e][ch][k] = ∂field_j,ch/∂x_k, for the
+// reverse pass: the corners are loaded once for both.
 template <int D, int E>
 inline void chain_forward8(const ChainRef<float, D>& chain, const Strides32<D>& s32, int64_t b, f8 (&y)[E][D],
-                           f8 (*stash)[E][D]) {
+                           f8 (*stash)[E][D], f8 (*jacobian)[E][D][D] = nullptr) {
   for (int j = chain.count - 1; j >= 0; --j) {
     const FieldRef<float, D>& f = chain.field[j];
     const float* data = f.data + b * f.batch_stride;
     for (int e = 0; e < E; ++e) {
       const Cell8<D> c = locate_cell8<D>(y[e], f.size, s32.stride[j]);
       f8 v[D];
-      for (int ch = 0; ch < D; ++ch) v[ch] = interpolate8(data + ch * f.channel_stride, c);
+      if (jacobian) {
+        for (int ch = 0; ch < D; ++ch) {
+          f8 corners[1 << D];
+          gather_corners8(data + ch * f.channel_stride, c, corners);
+          v[ch] = value_and_gradient8(corners, c, jacobian[j][e][ch]);
+        }
+      } else {
+        for (int ch = 0; ch < D; ++ch) v[ch] = interpolate8(data + ch * f.channel_stride, c);
+      }
       for (int k = 0; k < D; ++k) {
         if (stash) stash[j][e][k] = y[e][k];
         y[e][k] += v[k];
@@ -50,68 +61,74 @@ inline unsigned owned_lanes8(const ChainRef<float, D>& chain, const int* target,
 }
 
 // Adds a[e][ch] * weight to the corners of each active lane's cells; when a lane's E points
-// share a cell, their contributions are summed before the write (as scatter_to_cells does).
+// share a cell (same base: the corner offsets follow), their contributions are summed before the
+// write (as scatter_to_cells does). Products and sums run on vectors, then the writes go lane
+// by lane: first the lanes with a shared cell, then the others.
 template <int D, int E>
 inline void scatter8(float* grad, int64_t channel_stride, const Cell8<D> (&c)[E], const f8 (&a)[E][D],
                      unsigned active) {
   constexpr int kCorners = 1 << D;
-  alignas(32) float w[E][kCorners][kLanes];
+  f8 w[E][kCorners];
   alignas(32) int32_t off[E][kCorners][kLanes];
-  alignas(32) float adj[E][D][kLanes];
   for (int e = 0; e < E; ++e) {
-    f8 wv[kCorners];
     i8 ov[kCorners];
-    corner_weights8<D>(c[e], wv, ov);
-    for (int corner = 0; corner < kCorners; ++corner) {
-      *reinterpret_cast<f8*>(w[e][corner]) = wv[corner];
-      *reinterpret_cast<i8*>(off[e][corner]) = ov[corner];
-    }
-    for (int ch = 0; ch < D; ++ch) *reinterpret_cast<f8*>(adj[e][ch]) = a[e][ch];
+    corner_weights8<D>(c[e], w[e], ov);
+    for (int corner = 0; corner < kCorners; ++corner) *reinterpret_cast<i8*>(off[e][corner]) = ov[corner];
   }
-  while (active) {
-    const int l = __builtin_ctz(active);
-    active &= active - 1;
-    bool merged = true;
-    for (int e = 1; e < E; ++e)
-      for (int corner = 0; corner < kCorners; ++corner) merged = merged && off[e][corner][l] == off[0][corner][l];
-    if (merged) {
+  i8 same = splat_i(-1);
+  for (int e = 1; e < E; ++e) same &= c[e].base == c[0].base;
+  const unsigned merged = static_cast<unsigned>(_mm256_movemask_ps(reinterpret_cast<__m256>(same))) & active;
+  if (merged) {
+    alignas(32) float sum[D][kCorners][kLanes];
+    for (int ch = 0; ch < D; ++ch)
+      for (int corner = 0; corner < kCorners; ++corner) {
+        f8 v = a[0][ch] * w[0][corner];
+        for (int e = 1; e < E; ++e) v += a[e][ch] * w[e][corner];
+        *reinterpret_cast<f8*>(sum[ch][corner]) = v;
+      }
+    for (unsigned rest = merged; rest; rest &= rest - 1) {
+      const int l = __builtin_ctz(rest);
       for (int ch = 0; ch < D; ++ch) {
         float* g = grad + ch * channel_stride;
-        for (int corner = 0; corner < kCorners; ++corner) {
-          float v = 0.f;
-          for (int e = 0; e < E; ++e) v += adj[e][ch][l] * w[e][corner][l];
-          g[off[0][corner][l]] += v;
-        }
+        for (int corner = 0; corner < kCorners; ++corner) g[off[0][corner][l]] += sum[ch][corner][l];
       }
-    } else {
-      for (int e = 0; e < E; ++e) {
+    }
+  }
+  const unsigned split = active & ~merged;
+  if (split) {
+    alignas(32) float term[E][D][kCorners][kLanes];
+    for (int e = 0; e < E; ++e)
+      for (int ch = 0; ch < D; ++ch)
+        for (int corner = 0; corner < kCorners; ++corner)
+          *reinterpret_cast<f8*>(term[e][ch][corner]) = a[e][ch] * w[e][corner];
+    for (unsigned rest = split; rest; rest &= rest - 1) {
+      const int l = __builtin_ctz(rest);
+      for (int e = 0; e < E; ++e)
         for (int ch = 0; ch < D; ++ch) {
           float* g = grad + ch * channel_stride;
-          for (int corner = 0; corner < kCorners; ++corner) g[off[e][corner][l]] += adj[e][ch][l] * w[e][corner][l];
+          for (int corner = 0; corner < kCorners; ++corner) g[off[e][corner][l]] += term[e][ch][corner][l];
         }
-      }
     }
   }
 }
 
-// Reverse pass for the active lanes; a[e] holds ∂L/∂φ(x_e) on entry, ∂L/∂x_e on exit.
+// Reverse pass for the active lanes, from chain_forward8's stash and jacobian; a[e] holds
+// ∂L/∂φ(x_e) on entry, ∂L/∂x_e on exit.
 template <int D, int E>
 inline void chain_backward8(const ChainRef<float, D>& chain, const Strides32<D>& s32, int64_t b,
-                            const f8 (*stash)[E][D], f8 (&a)[E][D], unsigned active, bool need_point_grad) {
+                            const f8 (*stash)[E][D], const f8 (*jacobian)[E][D][D], f8 (&a)[E][D], unsigned active,
+                            bool need_point_grad) {
   for (int j = 0; j < chain.count; ++j) {
     const FieldRef<float, D>& f = chain.field[j];
     Cell8<D> c[E];
     for (int e = 0; e < E; ++e) c[e] = locate_cell8<D>(stash[j][e], f.size, s32.stride[j]);
     if (f.grad) scatter8<D, E>(f.grad + b * f.batch_stride, f.channel_stride, c, a, active);
     if (j == chain.count - 1 && !need_point_grad) break;
-    const float* data = f.data + b * f.batch_stride;
     for (int e = 0; e < E; ++e) {
       f8 next[D];
       for (int k = 0; k < D; ++k) next[k] = a[e][k];
       for (int ch = 0; ch < D; ++ch) {
-        f8 grad_s[D];
-        interpolate_gradient8(data + ch * f.channel_stride, c[e], grad_s);
-        for (int k = 0; k < D; ++k) next[k] += a[e][ch] * grad_s[k];
+        for (int k = 0; k < D; ++k) next[k] += a[e][ch] * jacobian[j][e][ch][k];
       }
       for (int k = 0; k < D; ++k) a[e][k] = next[k];
     }

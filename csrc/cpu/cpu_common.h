@@ -60,11 +60,13 @@ inline bool touches_only(const FieldRef<T, D>& f, int64_t b, T x0, const RowRang
 
 // Runs body(item, ranges, deferred) for every item in [0, n) in parallel, without two threads
 // ever adding to the same gradient voxel. An item is one point or a group of points. The items
-// are cut into one contiguous block per thread; block t owns rows [rows·t/T, rows·(t+1)/T) of
-// every gradient target (target_rows[i] rows each), and body may add only there. A point that
-// would touch a row outside is left alone and its index appended to `deferred`; those points
-// run afterwards through single(point), on one thread with every row allowed. Points laid out
-// in grid order touch rows near their own, so few are deferred; any layout is correct.
+// are cut into 2·T contiguous slabs (T threads), which run in two rounds: the even slabs, then
+// the odd ones, one thread per slab. Slab s owns rows [rows·(s - ½)/2T, rows·(s + 1½)/2T) of every
+// gradient target (target_rows[i] rows each): its own rows and half of each neighbour's, which
+// no other slab of the same round owns. body may add only there; a point that would touch a
+// row outside is left alone and its index appended to `deferred`; those points run afterwards
+// through single(point), on one thread with every row allowed. Points laid out in grid order
+// touch rows near their own, so (almost) none are deferred; any layout is correct.
 // body and single return a value per call (e.g. the loss of the points they processed); the
 // result is their sum, in an order fixed by n and the number of threads.
 template <typename Body, typename Single>
@@ -73,23 +75,31 @@ double for_each_item_owning_rows(int64_t n, const std::vector<int64_t>& target_r
   const size_t targets = target_rows.size();
   std::vector<RowRange> all(targets);
   for (size_t i = 0; i < targets; ++i) all[i] = {0, target_rows[i]};
-  const int64_t blocks =
+  const int64_t threads =
       std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n / std::max<int64_t>(min_items_per_thread, 1), 1));
-  std::vector<std::vector<int64_t>> deferred(blocks);
-  std::vector<double> partial(blocks, 0.0);
-  if (blocks <= 1) {
+  const int64_t slabs = threads <= 1 ? 1 : 2 * threads;
+  std::vector<std::vector<int64_t>> deferred(slabs);
+  std::vector<double> partial(slabs, 0.0);
+  if (slabs == 1) {
     for (int64_t i = 0; i < n; ++i) partial[0] += body(i, all.data(), deferred[0]);
   } else {
-    at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-      std::vector<RowRange> own(targets);
-      for (int64_t t = first; t < last; ++t) {
-        for (size_t i = 0; i < targets; ++i) own[i] = {target_rows[i] * t / blocks, target_rows[i] * (t + 1) / blocks};
-        const int64_t begin = n * t / blocks, end = n * (t + 1) / blocks;
-        double sum = 0.0;
-        for (int64_t i = begin; i < end; ++i) sum += body(i, own.data(), deferred[t]);
-        partial[t] = sum;
-      }
-    });
+    for (int64_t round = 0; round < 2; ++round) {
+      at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+        std::vector<RowRange> own(targets);
+        for (int64_t t = first; t < last; ++t) {
+          const int64_t s = 2 * t + round;
+          for (size_t i = 0; i < targets; ++i) {
+            const int64_t r = target_rows[i];
+            own[i] = {std::max<int64_t>(0, (r * (2 * s - 1)) / (2 * slabs)),
+                      std::min<int64_t>(r, (r * (2 * s + 3)) / (2 * slabs))};
+          }
+          const int64_t begin = n * s / slabs, end = n * (s + 1) / slabs;
+          double sum = 0.0;
+          for (int64_t i = begin; i < end; ++i) sum += body(i, own.data(), deferred[s]);
+          partial[s] = sum;
+        }
+      });
+    }
   }
   double total = 0.0;
   for (double v : partial) total += v;

@@ -174,10 +174,11 @@ double backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<flo
         const unsigned active = load_points8(pts, p0, x);
         f8 start[E][D], end[E][D];
         f8 stash[kMaxComposed][E][D];
+        f8 jacobian[kMaxComposed][E][D][D];
         shifted_points8(x, delta, start);
         for (int e = 0; e < E; ++e)
           for (int k = 0; k < D; ++k) end[e][k] = start[e][k];
-        chain_forward8<D, E>(chain, s32, b, end, stash);
+        chain_forward8<D, E>(chain, s32, b, end, stash, jacobian);
         const unsigned owned = owned_lanes8<D, E>(chain, target, b, stash, own) & active;
         for (unsigned rest = active & ~owned; rest; rest &= rest - 1) deferred.push_back(b * n + p0 + __builtin_ctz(rest));
         f8 g[D][D], a[E][D];
@@ -190,7 +191,7 @@ double backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<flo
             a[k + 1][c] = v;
           }
         }
-        chain_backward8<D, E>(chain, s32, b, stash, a, owned, false);
+        chain_backward8<D, E>(chain, s32, b, stash, jacobian, a, owned, false);
         double sq = 0.0;
         for (int l = 0; l < kLanes; ++l) {
           if (!(owned >> l & 1)) continue;

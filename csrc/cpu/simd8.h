@@ -89,26 +89,37 @@ inline f8 interpolate8(const float* f, const Cell8<3>& c) {
   return lerp8(lerp8(c00, c01, fy), lerp8(c10, c11, fy), fz);
 }
 
-// interpolate_gradient() of sampling.h: grad[k] = ∂f/∂x_k.
-inline void interpolate_gradient8(const float* f, const Cell8<2>& c, f8* grad) {
+// The 2^D corner values of one channel (corner bit k set = upper corner along axis k).
+inline void gather_corners8(const float* f, const Cell8<2>& c, f8 (&v)[4]) {
   const i8 sy = c.ax[0].step, sx = c.ax[1].step, b = c.base;
-  const f8 fx = c.ax[1].frac, fy = c.ax[0].frac;
-  const f8 v00 = gather(f, b), v01 = gather(f, b + sx), v10 = gather(f, b + sy), v11 = gather(f, b + sy + sx);
-  grad[0] = (lerp8(v10, v11, fx) - lerp8(v00, v01, fx)) * c.ax[0].dpdx;
-  grad[1] = lerp8(v01 - v00, v11 - v10, fy) * c.ax[1].dpdx;
+  v[0] = gather(f, b), v[1] = gather(f, b + sx), v[2] = gather(f, b + sy), v[3] = gather(f, b + sy + sx);
 }
 
-inline void interpolate_gradient8(const float* f, const Cell8<3>& c, f8* grad) {
+inline void gather_corners8(const float* f, const Cell8<3>& c, f8 (&v)[8]) {
   const i8 sz = c.ax[0].step, sy = c.ax[1].step, sx = c.ax[2].step, b = c.base;
+  v[0] = gather(f, b), v[1] = gather(f, b + sx), v[2] = gather(f, b + sy), v[3] = gather(f, b + sy + sx);
+  v[4] = gather(f, b + sz), v[5] = gather(f, b + sz + sx), v[6] = gather(f, b + sz + sy), v[7] = gather(f, b + sz + sy + sx);
+}
+
+// interpolate() and interpolate_gradient() of sampling.h on gathered corners: the value, and
+// grad[k] = ∂f/∂x_k, operation for operation as the scalar code.
+inline f8 value_and_gradient8(const f8 (&v)[4], const Cell8<2>& c, f8* grad) {
+  const f8 fx = c.ax[1].frac, fy = c.ax[0].frac;
+  const f8 c0 = lerp8(v[0], v[1], fx), c1 = lerp8(v[2], v[3], fx);
+  grad[0] = (c1 - c0) * c.ax[0].dpdx;
+  grad[1] = lerp8(v[1] - v[0], v[3] - v[2], fy) * c.ax[1].dpdx;
+  return lerp8(c0, c1, fy);
+}
+
+inline f8 value_and_gradient8(const f8 (&v)[8], const Cell8<3>& c, f8* grad) {
   const f8 fx = c.ax[2].frac, fy = c.ax[1].frac, fz = c.ax[0].frac;
-  const f8 v000 = gather(f, b), v001 = gather(f, b + sx), v010 = gather(f, b + sy), v011 = gather(f, b + sy + sx);
-  const f8 v100 = gather(f, b + sz), v101 = gather(f, b + sz + sx), v110 = gather(f, b + sz + sy),
-           v111 = gather(f, b + sz + sy + sx);
-  const f8 c00 = lerp8(v000, v001, fx), c01 = lerp8(v010, v011, fx);
-  const f8 c10 = lerp8(v100, v101, fx), c11 = lerp8(v110, v111, fx);
-  grad[0] = (lerp8(c10, c11, fy) - lerp8(c00, c01, fy)) * c.ax[0].dpdx;
+  const f8 c00 = lerp8(v[0], v[1], fx), c01 = lerp8(v[2], v[3], fx);
+  const f8 c10 = lerp8(v[4], v[5], fx), c11 = lerp8(v[6], v[7], fx);
+  const f8 lo = lerp8(c00, c01, fy), hi = lerp8(c10, c11, fy);
+  grad[0] = (hi - lo) * c.ax[0].dpdx;
   grad[1] = lerp8(c01 - c00, c11 - c10, fz) * c.ax[1].dpdx;
-  grad[2] = lerp8(lerp8(v001 - v000, v011 - v010, fy), lerp8(v101 - v100, v111 - v110, fy), fz) * c.ax[2].dpdx;
+  grad[2] = lerp8(lerp8(v[1] - v[0], v[3] - v[2], fy), lerp8(v[5] - v[4], v[7] - v[6], fy), fz) * c.ax[2].dpdx;
+  return lerp8(lo, hi, fz);
 }
 
 // corner_weights() of sampling.h: weight and offset of each of the 2^D corners.
