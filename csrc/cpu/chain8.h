@@ -26,7 +26,8 @@ inline void chain_forward8(const ChainRef<float, D>& chain, const Strides32<D>& 
         for (int ch = 0; ch < D; ++ch) {
           f8 corners[1 << D];
           gather_corners8(data + ch * f.channel_stride, c, corners);
-          v[ch] = value_and_gradient8(corners, c, jacobian[j][e][ch]);
+          v[ch] = interpolate_corners8(corners, c);
+          gradient_corners8(corners, c, jacobian[j][e][ch]);
         }
       } else {
         for (int ch = 0; ch < D; ++ch) v[ch] = interpolate8(data + ch * f.channel_stride, c);

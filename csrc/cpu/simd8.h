@@ -73,22 +73,6 @@ inline Cell8<D> locate_cell8(const f8* x, const int* size, const int32_t* stride
   return c;
 }
 
-inline f8 interpolate8(const float* f, const Cell8<2>& c) {
-  const i8 sy = c.ax[0].step, sx = c.ax[1].step, b = c.base;
-  const f8 fx = c.ax[1].frac, fy = c.ax[0].frac;
-  return lerp8(lerp8(gather(f, b), gather(f, b + sx), fx), lerp8(gather(f, b + sy), gather(f, b + sy + sx), fx), fy);
-}
-
-inline f8 interpolate8(const float* f, const Cell8<3>& c) {
-  const i8 sz = c.ax[0].step, sy = c.ax[1].step, sx = c.ax[2].step, b = c.base;
-  const f8 fx = c.ax[2].frac, fy = c.ax[1].frac, fz = c.ax[0].frac;
-  const f8 c00 = lerp8(gather(f, b), gather(f, b + sx), fx);
-  const f8 c01 = lerp8(gather(f, b + sy), gather(f, b + sy + sx), fx);
-  const f8 c10 = lerp8(gather(f, b + sz), gather(f, b + sz + sx), fx);
-  const f8 c11 = lerp8(gather(f, b + sz + sy), gather(f, b + sz + sy + sx), fx);
-  return lerp8(lerp8(c00, c01, fy), lerp8(c10, c11, fy), fz);
-}
-
 // The 2^D corner values of one channel (corner bit k set = upper corner along axis k).
 inline void gather_corners8(const float* f, const Cell8<2>& c, f8 (&v)[4]) {
   const i8 sy = c.ax[0].step, sx = c.ax[1].step, b = c.base;
@@ -101,25 +85,40 @@ inline void gather_corners8(const float* f, const Cell8<3>& c, f8 (&v)[8]) {
   v[4] = gather(f, b + sz), v[5] = gather(f, b + sz + sx), v[6] = gather(f, b + sz + sy), v[7] = gather(f, b + sz + sy + sx);
 }
 
-// interpolate() and interpolate_gradient() of sampling.h on gathered corners: the value, and
-// grad[k] = ∂f/∂x_k, operation for operation as the scalar code.
-inline f8 value_and_gradient8(const f8 (&v)[4], const Cell8<2>& c, f8* grad) {
+// interpolate() of sampling.h on gathered corners.
+inline f8 interpolate_corners8(const f8 (&v)[4], const Cell8<2>& c) {
   const f8 fx = c.ax[1].frac, fy = c.ax[0].frac;
-  const f8 c0 = lerp8(v[0], v[1], fx), c1 = lerp8(v[2], v[3], fx);
-  grad[0] = (c1 - c0) * c.ax[0].dpdx;
-  grad[1] = lerp8(v[1] - v[0], v[3] - v[2], fy) * c.ax[1].dpdx;
-  return lerp8(c0, c1, fy);
+  return lerp8(lerp8(v[0], v[1], fx), lerp8(v[2], v[3], fx), fy);
 }
 
-inline f8 value_and_gradient8(const f8 (&v)[8], const Cell8<3>& c, f8* grad) {
+inline f8 interpolate_corners8(const f8 (&v)[8], const Cell8<3>& c) {
   const f8 fx = c.ax[2].frac, fy = c.ax[1].frac, fz = c.ax[0].frac;
   const f8 c00 = lerp8(v[0], v[1], fx), c01 = lerp8(v[2], v[3], fx);
   const f8 c10 = lerp8(v[4], v[5], fx), c11 = lerp8(v[6], v[7], fx);
-  const f8 lo = lerp8(c00, c01, fy), hi = lerp8(c10, c11, fy);
-  grad[0] = (hi - lo) * c.ax[0].dpdx;
+  return lerp8(lerp8(c00, c01, fy), lerp8(c10, c11, fy), fz);
+}
+
+// interpolate_gradient() of sampling.h on gathered corners: grad[k] = ∂f/∂x_k.
+inline void gradient_corners8(const f8 (&v)[4], const Cell8<2>& c, f8* grad) {
+  const f8 fx = c.ax[1].frac, fy = c.ax[0].frac;
+  grad[0] = (lerp8(v[2], v[3], fx) - lerp8(v[0], v[1], fx)) * c.ax[0].dpdx;
+  grad[1] = lerp8(v[1] - v[0], v[3] - v[2], fy) * c.ax[1].dpdx;
+}
+
+inline void gradient_corners8(const f8 (&v)[8], const Cell8<3>& c, f8* grad) {
+  const f8 fx = c.ax[2].frac, fy = c.ax[1].frac, fz = c.ax[0].frac;
+  const f8 c00 = lerp8(v[0], v[1], fx), c01 = lerp8(v[2], v[3], fx);
+  const f8 c10 = lerp8(v[4], v[5], fx), c11 = lerp8(v[6], v[7], fx);
+  grad[0] = (lerp8(c10, c11, fy) - lerp8(c00, c01, fy)) * c.ax[0].dpdx;
   grad[1] = lerp8(c01 - c00, c11 - c10, fz) * c.ax[1].dpdx;
   grad[2] = lerp8(lerp8(v[1] - v[0], v[3] - v[2], fy), lerp8(v[5] - v[4], v[7] - v[6], fy), fz) * c.ax[2].dpdx;
-  return lerp8(lo, hi, fz);
+}
+
+template <int D>
+inline f8 interpolate8(const float* f, const Cell8<D>& c) {
+  f8 v[1 << D];
+  gather_corners8(f, c, v);
+  return interpolate_corners8(v, c);
 }
 
 // corner_weights() of sampling.h: weight and offset of each of the 2^D corners.
