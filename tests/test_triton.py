@@ -71,7 +71,7 @@ def test_transform_points(rng, d, batch):
     # 3 fields of different non-cubic resolutions; with batch 2 the middle field and the points
     # have batch 1 and broadcast; points lie in [-0.3, 1.3] (some beyond the border).
     chain = leaves(_chain(rng, d, batch, 3))
-    points = leaves([random_points(rng, 1, d, (6, 5)).to(torch.float32)])[0]
+    points = leaves([random_points(rng, 1, d, (6, 5)).to(device=DEVICE, dtype=torch.float32)])[0]
     out = gf.transform_points(chain, points, backend="triton")
     ref = gf.transform_points(chain, points, backend="torch")
     assert out.shape == ref.shape == (batch, d, 6, 5)
@@ -89,7 +89,7 @@ def test_transform_points_partial_gradients(rng, which):
     # Only some inputs want a gradient: the reverse pass stops early / skips scatters.
     d = 3
     chain = _chain(rng, d, 2, 3)
-    points = random_points(rng, 2, d, (7,)).to(torch.float32)
+    points = random_points(rng, 2, d, (7,)).to(device=DEVICE, dtype=torch.float32)
     if which == "middle field":
         chain[1].requires_grad_(True)
         inputs = [chain[1]]
@@ -105,7 +105,7 @@ def test_singleton_axes(rng):
     # Axes of size 1 (index always 0, zero derivative), in fields and in the warped image.
     chain = leaves([(0.1 * torch.randn((2, 3, 1, 4, 3), generator=rng)).to(DEVICE),
                     (0.1 * torch.randn((1, 3, 3, 1, 1), generator=rng)).to(DEVICE)])
-    points = random_points(rng, 2, 3, (8,)).to(torch.float32)
+    points = random_points(rng, 2, 3, (8,)).to(device=DEVICE, dtype=torch.float32)
     out, ref = T.transform_points(chain, points), R.transform_points(chain, points)
     assert relative_error(out, ref) < F32
     assert relative_error(list(_grads(out.sum(), chain)), list(_grads(ref.sum(), chain))) < F32
@@ -120,7 +120,7 @@ def test_64bit_offsets(rng, monkeypatch):
     monkeypatch.setattr(chain_module, "FORCE_64BIT_OFFSETS", True)
     d = 3
     chain = leaves(_chain(rng, d, 2, 2, hi=5))
-    points = random_points(rng, 1, d, (9,)).to(torch.float32)
+    points = random_points(rng, 1, d, (9,)).to(device=DEVICE, dtype=torch.float32)
     out, ref = T.transform_points(chain, points), R.transform_points(chain, points)
     assert relative_error(out, ref) < F32
     assert relative_error(list(_grads(out.sum(), chain)), list(_grads(ref.sum(), chain))) < F32
@@ -143,7 +143,7 @@ def test_64bit_offsets(rng, monkeypatch):
 def test_transform_points_float64(rng):
     # float64 fields compute in float64 (checked under the interpreter; not required on GPU).
     chain = leaves(_chain(rng, 2, 2, 2, dtype=torch.float64))
-    points = leaves([random_points(rng, 2, 2, (9,))])[0]
+    points = leaves([random_points(rng, 2, 2, (9,)).to(DEVICE)])[0]
     out = T.transform_points(chain, points)
     ref = R.transform_points(chain, points)
     assert out.dtype == torch.float64
@@ -256,7 +256,7 @@ def test_many_points(rng):
     loss = T.icon_loss(chain_ab, chain_ba, shape, noise, 0, 1 / 29)
     ref = R.icon_loss(chain_ab, chain_ba, shape=shape, noise=noise)
     assert abs(loss.item() - ref.item()) <= F32 * abs(ref.item())
-    points = random_points(rng, 1, d, (700,)).to(torch.float32)
+    points = random_points(rng, 1, d, (700,)).to(device=DEVICE, dtype=torch.float32)
     assert relative_error(T.transform_points(chain_ab, points), R.transform_points(chain_ab, points)) < F32
     image = torch.randn((1, 1, 9, 8), generator=rng).to(DEVICE)
     assert relative_error(T.warp(image, chain_ab, shape), R.warp(image, chain_ab, shape)) < F32
@@ -419,7 +419,7 @@ def test_half_precision_fields(rng, dtype):
     d = 2
     chain16 = leaves(_chain(rng, d, 2, 2, dtype=dtype))
     chain32 = leaves([f.detach().float() for f in chain16])  # exact upcast of the rounded fields
-    points16 = random_points(rng, 1, d, (5, 3)).to(dtype)
+    points16 = random_points(rng, 1, d, (5, 3)).to(dtype=dtype, device=DEVICE)
 
     out = T.transform_points(chain16, points16)
     ref = R.transform_points(chain32, points16.float())
