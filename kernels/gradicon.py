@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .chain import SIZE_ARGS, chain_backward, chain_forward
-from .penalty_points import penalty_point, scalar_from_bits
+from .penalty_points import join64, penalty_point, scalar_from_bits
 from .sampling import as_index, div_rn
 from .tuning import forward_configs
 
@@ -54,7 +54,8 @@ def _fd_gradient_error(start, end, delta, D: tl.constexpr, CT: tl.constexpr):
 
 
 def _gradicon(
-    NOISE, PARTIAL, GRAD_LOSS, N, W0, W1, W2, P0, P1, P2, STRIDE, SEED, NOISE_SCALE_BITS, DELTA_BITS, COUNT,
+    NOISE, PARTIAL, GRAD_LOSS, N, W0, W1, W2, P0, P1, P2, STRIDE,
+    SEED_LO, SEED_HI, NOISE_SCALE_LO, NOISE_SCALE_HI, DELTA_LO, DELTA_HI, COUNT,
     F0, G0, A0, B0, C0,
     F1, G1, A1, B1, C1,
     F2, G2, A2, B2, C2,
@@ -83,12 +84,13 @@ def _gradicon(
              (A12, B12, C12), (A13, B13, C13), (A14, B14, C14), (A15, B15, C15))
     b = tl.program_id(1)
     n = as_index(N, BIG)
-    noise_scale = scalar_from_bits(NOISE_SCALE_BITS, CT)
-    delta = scalar_from_bits(DELTA_BITS, CT)
+    seed = join64(SEED_LO, SEED_HI)
+    noise_scale = scalar_from_bits(NOISE_SCALE_LO, NOISE_SCALE_HI, CT)
+    delta = scalar_from_bits(DELTA_LO, DELTA_HI, CT)
     if BACKWARD:
         offs = as_index(tl.program_id(0), BIG) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, SEED, noise_scale, HAS_NOISE, D, CT,
+        x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, seed, noise_scale, HAS_NOISE, D, CT,
                           mask)
         start = _shifted(x, delta, D)
         end, stash = chain_forward(start, fields, grads, sizes, b, NF, 0, BATCHED, D, CT, BIG, mask[:, None, None])
@@ -114,7 +116,7 @@ def _gradicon(
         for t in range(0, TILE, BLOCK):
             offs = tile + t + tl.arange(0, BLOCK)
             mask = offs < n
-            x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, SEED, noise_scale, HAS_NOISE, D,
+            x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, seed, noise_scale, HAS_NOISE, D,
                               CT, mask)
             start = _shifted(x, delta, D)
             end, _ = chain_forward(start, fields, grads, sizes, b, NF, 0, BATCHED, D, CT, BIG, mask[:, None, None])
@@ -127,8 +129,8 @@ def _gradicon(
         tl.store(PARTIAL + b * tl.num_programs(0) + tl.program_id(0), tl.sum(acc, axis=0))
 
 
-_NO_SPECIALIZE = ["N", "W0", "W1", "W2", "P0", "P1", "P2", "STRIDE", "SEED", "NOISE_SCALE_BITS", "DELTA_BITS",
-                  "COUNT", *SIZE_ARGS]
+_NO_SPECIALIZE = ["N", "W0", "W1", "W2", "P0", "P1", "P2", "STRIDE", "SEED_LO", "SEED_HI", "NOISE_SCALE_LO",
+                  "NOISE_SCALE_HI", "DELTA_LO", "DELTA_HI", "COUNT", *SIZE_ARGS]
 
 gradicon_forward = triton.autotune(configs=forward_configs(4), key=["N", "NF", "D"])(
     triton.jit(_gradicon, do_not_specialize=_NO_SPECIALIZE))

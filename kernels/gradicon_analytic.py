@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .chain import SIZE_ARGS, field_at
-from .penalty_points import penalty_point, scalar_from_bits
+from .penalty_points import join64, penalty_point, scalar_from_bits
 from .sampling import (gather_corners, as_index, corner_curvatures, corner_slopes, div_rn, interpolate_with_gradient,
                        locate_cell)
 from .tuning import forward_configs
@@ -140,7 +140,8 @@ def jacobian_backward(A, stash, fields, grads, sizes, b, NF: tl.constexpr, BATCH
 
 
 def _gradicon_analytic(
-    NOISE, PARTIAL, GRAD_LOSS, N, W0, W1, W2, P0, P1, P2, STRIDE, SEED, NOISE_SCALE_BITS, COUNT,
+    NOISE, PARTIAL, GRAD_LOSS, N, W0, W1, W2, P0, P1, P2, STRIDE,
+    SEED_LO, SEED_HI, NOISE_SCALE_LO, NOISE_SCALE_HI, COUNT,
     F0, G0, A0, B0, C0,
     F1, G1, A1, B1, C1,
     F2, G2, A2, B2, C2,
@@ -169,11 +170,12 @@ def _gradicon_analytic(
              (A12, B12, C12), (A13, B13, C13), (A14, B14, C14), (A15, B15, C15))
     b = tl.program_id(1)
     n = as_index(N, BIG)
-    noise_scale = scalar_from_bits(NOISE_SCALE_BITS, CT)
+    seed = join64(SEED_LO, SEED_HI)
+    noise_scale = scalar_from_bits(NOISE_SCALE_LO, NOISE_SCALE_HI, CT)
     if BACKWARD:
         offs = as_index(tl.program_id(0), BIG) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, SEED, noise_scale, HAS_NOISE, D, CT,
+        x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, seed, noise_scale, HAS_NOISE, D, CT,
                           mask)
         y = ()
         for k in tl.static_range(D):
@@ -195,7 +197,7 @@ def _gradicon_analytic(
         for t in range(0, TILE, BLOCK):
             offs = tile + t + tl.arange(0, BLOCK)
             mask = offs < n
-            x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, SEED, noise_scale, HAS_NOISE, D,
+            x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, seed, noise_scale, HAS_NOISE, D,
                               CT, mask)
             y = ()
             for k in tl.static_range(D):
@@ -209,7 +211,8 @@ def _gradicon_analytic(
         tl.store(PARTIAL + b * tl.num_programs(0) + tl.program_id(0), tl.sum(acc, axis=0))
 
 
-_NO_SPECIALIZE = ["N", "W0", "W1", "W2", "P0", "P1", "P2", "STRIDE", "SEED", "NOISE_SCALE_BITS", "COUNT",
+_NO_SPECIALIZE = ["N", "W0", "W1", "W2", "P0", "P1", "P2", "STRIDE", "SEED_LO", "SEED_HI", "NOISE_SCALE_LO",
+                  "NOISE_SCALE_HI", "COUNT",
                   *SIZE_ARGS]
 
 gradicon_analytic_forward = triton.autotune(configs=forward_configs(), key=["N", "NF", "D"])(

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .chain import SIZE_ARGS, chain_backward, chain_forward
-from .penalty_points import penalty_point, scalar_from_bits
+from .penalty_points import join64, penalty_point, scalar_from_bits
 from .sampling import as_index, div_rn
 from .tuning import forward_configs
 
@@ -29,7 +29,7 @@ def _column_points(x, D: tl.constexpr):
 
 
 def _icon(
-    NOISE, PARTIAL, GRAD_LOSS, N, W0, W1, W2, SEED, NOISE_SCALE_BITS, COUNT,
+    NOISE, PARTIAL, GRAD_LOSS, N, W0, W1, W2, SEED_LO, SEED_HI, NOISE_SCALE_LO, NOISE_SCALE_HI, COUNT,
     F0, G0, A0, B0, C0,
     F1, G1, A1, B1, C1,
     F2, G2, A2, B2, C2,
@@ -58,13 +58,14 @@ def _icon(
              (A12, B12, C12), (A13, B13, C13), (A14, B14, C14), (A15, B15, C15))
     b = tl.program_id(1)
     n = as_index(N, BIG)
-    noise_scale = scalar_from_bits(NOISE_SCALE_BITS, CT)
+    seed = join64(SEED_LO, SEED_HI)
+    noise_scale = scalar_from_bits(NOISE_SCALE_LO, NOISE_SCALE_HI, CT)
     grid = (W0, W1, W2)
     if BACKWARD:
         offs = as_index(tl.program_id(0), BIG) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         mask3 = mask[:, None, None]
-        x = penalty_point(offs, grid, grid, 1, NOISE, n, SEED, noise_scale, HAS_NOISE, D, CT, mask)
+        x = penalty_point(offs, grid, grid, 1, NOISE, n, seed, noise_scale, HAS_NOISE, D, CT, mask)
         x = _column_points(x, D)
         scale = div_rn(2 * tl.load(GRAD_LOSS).to(CT), COUNT.to(CT), CT)
         if STOP_AB >= 0:
@@ -86,7 +87,7 @@ def _icon(
             offs = tile + t + tl.arange(0, BLOCK)
             mask = offs < n
             mask3 = mask[:, None, None]
-            x = penalty_point(offs, grid, grid, 1, NOISE, n, SEED, noise_scale, HAS_NOISE, D, CT, mask)
+            x = penalty_point(offs, grid, grid, 1, NOISE, n, seed, noise_scale, HAS_NOISE, D, CT, mask)
             x = _column_points(x, D)
             y1, _ = chain_forward(x, fields, grads, sizes, b, NF, 0, BATCHED, D, CT, BIG, mask3)
             y2, _ = chain_forward(x, fields, grads, sizes, b, NF, NA, BATCHED, D, CT, BIG, mask3)
@@ -99,7 +100,7 @@ def _icon(
         tl.store(PARTIAL + b * tl.num_programs(0) + tl.program_id(0), tl.sum(acc, axis=0))
 
 
-_NO_SPECIALIZE = ["N", "W0", "W1", "W2", "SEED", "NOISE_SCALE_BITS", "COUNT", *SIZE_ARGS]
+_NO_SPECIALIZE = ["N", "W0", "W1", "W2", "SEED_LO", "SEED_HI", "NOISE_SCALE_LO", "NOISE_SCALE_HI", "COUNT", *SIZE_ARGS]
 
 icon_forward = triton.autotune(configs=forward_configs(), key=["N", "NF", "D"])(
     triton.jit(_icon, do_not_specialize=_NO_SPECIALIZE))

@@ -5,15 +5,16 @@ ones ``csrc/philox.h`` (``gradicon_fast.ops.normal_noise``) computes on the othe
 import triton
 import triton.language as tl
 
+from .penalty_points import join64
 from .sampling import as_index
 
 
-@triton.jit(do_not_specialize=["N", "SEED"])
-def normal_noise_kernel(OUT, N, SEED, D: tl.constexpr, BIG: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["N", "SEED_LO", "SEED_HI"])
+def normal_noise_kernel(OUT, N, SEED_LO, SEED_HI, D: tl.constexpr, BIG: tl.constexpr, BLOCK: tl.constexpr):
     offs = as_index(tl.program_id(0), BIG) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     n = as_index(N, BIG)
-    r0, r1, r2, r3 = tl.randn4x(SEED, offs)
+    r0, r1, r2, r3 = tl.randn4x(join64(SEED_LO, SEED_HI), offs)
     ty = OUT.dtype.element_ty
     tl.store(OUT + offs, r0.to(ty), mask=mask)
     tl.store(OUT + n + offs, r1.to(ty), mask=mask)

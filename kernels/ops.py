@@ -26,7 +26,7 @@ from .gradicon import gradicon_backward, gradicon_forward
 from .gradicon_analytic import gradicon_analytic_backward, gradicon_analytic_forward
 from .icon import icon_backward, icon_forward
 from .noise import normal_noise_kernel
-from .penalty_points import float_bits
+from .penalty_points import float_bits, split64
 from .transform_points import transform_points_backward, transform_points_forward
 from .tuning import NUM_WARPS, TILE, backward_block, interpreted, noise_block
 from .warp import warp_backward, warp_forward
@@ -250,8 +250,8 @@ def _gradicon_launch(kernel, grid, fields, buffers, batch, d, shape, stride, noi
     slots, batched = slot_args(fields, buffers, batch)
     _launch(
         kernel, grid(n),
-        noise_arg, partial, grad_loss, n, *_padded(shape), *_padded(counts), int(stride), int(seed),
-        float_bits(noise_scale), float_bits(delta), batch * d * n, *slots, NF=len(fields), BATCHED=batched,
+        noise_arg, partial, grad_loss, n, *_padded(shape), *_padded(counts), int(stride), *split64(seed),
+        *split64(float_bits(noise_scale)), *split64(float_bits(delta)), batch * d * n, *slots, NF=len(fields), BATCHED=batched,
         GMASK=gmask, STOP=stop, HAS_NOISE=has_noise, BACKWARD=backward,
         **_common(d, fields[0].dtype, _chain.is_big(noise_arg, *fields)), TILE=TILE, **launch)
 
@@ -291,8 +291,8 @@ def _analytic_launch(kernel, grid, fields, buffers, batch, d, shape, stride, noi
     slots, batched = slot_args(fields, buffers, batch)
     _launch(
         kernel, grid(n),
-        noise_arg, partial, grad_loss, n, *_padded(shape), *_padded(counts), int(stride), int(seed),
-        float_bits(noise_scale), batch * d * n, *slots, NF=len(fields), BATCHED=batched, GMASK=gmask, STOP=stop,
+        noise_arg, partial, grad_loss, n, *_padded(shape), *_padded(counts), int(stride), *split64(seed),
+        *split64(float_bits(noise_scale)), batch * d * n, *slots, NF=len(fields), BATCHED=batched, GMASK=gmask, STOP=stop,
         HAS_NOISE=has_noise, BACKWARD=backward, **_common(d, fields[0].dtype, _chain.is_big(noise_arg, *fields)), TILE=TILE,
         **launch)
 
@@ -333,7 +333,8 @@ def _icon_launch(kernel, grid, fields, buffers, n_ab, batch, d, shape, noise, se
     slots, batched = slot_args(fields, buffers, batch)
     _launch(
         kernel, grid(n),
-        noise_arg, partial, grad_loss, n, *_padded(shape), int(seed), float_bits(noise_scale), batch * d * n,
+        noise_arg, partial, grad_loss, n, *_padded(shape), *split64(seed), *split64(float_bits(noise_scale)),
+        batch * d * n,
         *slots, NF=len(fields), NA=n_ab, BATCHED=batched, GMASK=gmask, STOP_AB=stop_ab, STOP_BA=stop_ba,
         HAS_NOISE=has_noise, BACKWARD=backward, **_common(d, fields[0].dtype, _chain.is_big(noise_arg, *fields)),
         TILE=TILE, **launch)
@@ -371,7 +372,7 @@ def _normal_noise(seed: int, d: int, points_shape: list[int], dtype: torch.dtype
     n = math.prod(points_shape)
     if n:
         block = noise_block()
-        _launch(normal_noise_kernel, (triton.cdiv(n, block),), out, n, int(seed), D=d, BIG=_chain.is_big(out), BLOCK=block,
+        _launch(normal_noise_kernel, (triton.cdiv(n, block),), out, n, *split64(seed), D=d, BIG=_chain.is_big(out), BLOCK=block,
                 num_warps=NUM_WARPS)
     return out
 

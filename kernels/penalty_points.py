@@ -7,9 +7,11 @@ first d of the four normal numbers ``tl.randn4x(seed, p)`` (Philox keyed by the 
 the flat point index, shared by the batch), which is what ``gradicon_fast.ops.normal_noise``
 materialises; the backward kernels draw the same numbers again instead of storing them.
 
-Float scalars (``noise_scale``, ``delta``) reach the kernels as the bits of a float64 (an int
-argument) so that float64 kernels see them unrounded; ``scalar_from_bits`` rounds them once to
-the compute type, as PyTorch rounds a Python scalar to the tensor's dtype.
+Float scalars (``noise_scale``, ``delta``) reach the kernels as the bits of a float64 so that
+float64 kernels see them unrounded; ``scalar_from_bits`` rounds them once to the compute type, as
+PyTorch rounds a Python scalar to the tensor's dtype. These bits and the seed are 64-bit ints,
+passed as two int32 halves (``split64``/``join64``): torch.compile (Inductor, torch 2.11) fails on
+a user Triton kernel's int argument beyond the int32 range.
 """
 
 import struct
@@ -21,13 +23,26 @@ from .sampling import grid_coordinate
 
 
 def float_bits(value: float) -> int:
-    """The bits of ``value`` as a float64, as a signed 64-bit int (a kernel argument)."""
+    """The bits of ``value`` as a float64, as a signed 64-bit int."""
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
+def split64(value: int) -> tuple[int, int]:
+    """The 64 bits of ``value`` as two kernel arguments (low, high), each a signed 32-bit int."""
+    bits = int(value) & 0xFFFF_FFFF_FFFF_FFFF
+    return tuple(h - (1 << 32) if h >= (1 << 31) else h for h in (bits & 0xFFFF_FFFF, bits >> 32))
+
+
 @triton.jit
-def scalar_from_bits(bits, CT: tl.constexpr):
-    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(CT)
+def join64(LO, HI):
+    """The int64 that split64 split."""
+    low = tl.cast(tl.cast(LO, tl.int32), tl.uint32, bitcast=True).to(tl.int64)  # zero-extended
+    return (tl.cast(HI, tl.int32).to(tl.int64) << 32) | low
+
+
+@triton.jit
+def scalar_from_bits(LO, HI, CT: tl.constexpr):
+    return join64(LO, HI).to(tl.float64, bitcast=True).to(CT)
 
 
 @triton.jit

@@ -69,7 +69,9 @@ def locate_axis(x, size):
     # result through y = x + sample(D, x).
     clamped = tl.where(inside, p, tl.where(p > 0, hi, 0.0))
     index = clamped.to(tl.int32)  # clamped >= 0: truncation is floor
-    frac = clamped - index.to(x.dtype)
+    # floor(clamped) == index, exactly; converting index back (sitofp) broke Triton 3.6's layout
+    # pass for float64 in the analytic kernels on sm_90.
+    frac = clamped - tl.floor(clamped)
     has_next = index < size - 1
     dpdx = tl.where(inside, hi, 0.0)
     return index, frac, has_next, dpdx

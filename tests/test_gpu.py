@@ -107,10 +107,10 @@ def exact(fn, inputs):
     return y.detach(), torch.autograd.grad(y, xs)
 
 
-def check_fd(got, expected, fn, inputs, what):
+def check_fd(got, expected, fn, inputs, what, slack=0.0):
     """Finite-difference GradICON (value, gradients) on "cuda" against the reference's.
 
-    float64: FD_TOL. float32: FD_TOL, or else no farther from the exact (float64) penalty than the
+    float64: FD_TOL (+ slack). float32: FD_TOL (+ slack), or else no farther from the exact (float64) penalty than the
     float32 reference is (3x, plus 1e-4). The gradients carry g - I, and where g ≈ I (points
     clamped outside the fields, where g - I is only rounding divided by δ) both float32
     implementations are equally far from the truth and from each other; a wrong kernel is orders of
@@ -119,12 +119,12 @@ def check_fd(got, expected, fn, inputs, what):
     dtype = got[0].dtype
     for k, part in enumerate(("value", "grads")):
         err = relative_error(got[k], expected[k])
-        if err <= FD_TOL[dtype]:
+        if err <= FD_TOL[dtype] + slack:
             continue
-        assert dtype == torch.float32, f"{what} {part}: relative error {err:.3g} > {FD_TOL[dtype]:g}"
+        assert dtype == torch.float32, f"{what} {part}: relative error {err:.3g} > {FD_TOL[dtype] + slack:g}"
         truth = exact(fn, inputs)[k]
         mine, theirs = relative_error(got[k], truth), relative_error(expected[k], truth)
-        assert mine <= 3 * theirs + 1e-4, (f"{what} {part}: relative error {err:.3g} against the float32 reference, "
+        assert mine <= 3 * theirs + 1e-4 + slack, (f"{what} {part}: relative error {err:.3g} against the float32 reference, "
                                            f"{mine:.3g} against the float64 penalty (the reference's: {theirs:.3g})")
 
 
@@ -406,7 +406,7 @@ def test_seeded_noise_matches_reference(rng, d, dtype, stride):
             g_ref = torch.autograd.grad(l_ref, xs)
             if op == "gradicon":
                 check_fd((l.detach(), list(g)), (l_ref.detach(), list(g_ref)), explicit(noise), ab + ba,
-                         f"{op} seeded")
+                         f"{op} seeded", slack=extra)
                 continue
             check(l.detach(), l_ref.detach(), tol + extra, f"{op} seeded loss")
             check(list(g), list(g_ref), grad_tol + extra, f"{op} seeded grads")

@@ -382,6 +382,15 @@ def test_normal_noise(rng):
     torch.testing.assert_close(noise, other, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5, 2**62 - 1, 2**63 - 1])
+def test_normal_noise_seed_bits(seed):
+    # Seeds reach the kernels as two int32 halves (kernels/penalty_points.py: split64/join64):
+    # the halves' sign bits and the carry between them.
+    noise = T.normal_noise(seed, 2, (9,), device=DEVICE)
+    want = torch.from_numpy(_philox_normal(seed, 2, 9)).reshape(1, 2, 9)
+    torch.testing.assert_close(noise.cpu(), want, rtol=1e-4, atol=1e-5)
+
+
 def test_gradicon_seeded(rng):
     # noise=None: the kernels draw the noise from the seed, forward and (again) backward.
     d, shape, stride, seed = 2, (5, 6), 2, _seed(rng)
