@@ -19,13 +19,23 @@ inline void chain_forward8(const ChainRef<float, D>& chain, const Strides32<D>& 
   for (int j = chain.count - 1; j >= 0; --j) {
     const FieldRef<float, D>& f = chain.field[j];
     const float* data = f.data + b * f.batch_stride;
+    // Corners of point 0's cells. The other points of a lane (GradICON's δ-shifted ones) mostly
+    // fall in the same cell: they reuse these and gather only the lanes whose cell differs.
+    f8 corners0[D][1 << D];
+    i8 base0 = splat_i(0);
     for (int e = 0; e < E; ++e) {
       const Cell8<D> c = locate_cell8<D>(y[e], f.size, s32.stride[j]);
       f8 v[D];
       if (jacobian) {
+        if (e == 0) base0 = c.base;
+        const i8 moved = c.base != base0;  // a cell is its base: the indices, hence the steps, follow
+        const bool any_moved = _mm256_movemask_ps(reinterpret_cast<__m256>(moved)) != 0;
         for (int ch = 0; ch < D; ++ch) {
+          const float* channel = data + ch * f.channel_stride;
+          if (e == 0) gather_corners8(channel, c, corners0[ch]);
           f8 corners[1 << D];
-          gather_corners8(data + ch * f.channel_stride, c, corners);
+          for (int q = 0; q < (1 << D); ++q) corners[q] = corners0[ch][q];
+          if (any_moved) regather_corners8<D>(channel, c, moved, corners);
           v[ch] = interpolate_corners8(corners, c);
           gradient_corners8(corners, c, jacobian[j][e][ch]);
         }

@@ -11,6 +11,7 @@
 #include "chain8.h"
 #include "gradicon_lanes.h"
 #include "cpu_common.h"
+#include "visiting_order.h"
 
 namespace gradicon_fast::cpu {
 namespace {
@@ -91,16 +92,19 @@ double backward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& p
 #ifdef GF_HAVE_SIMD8
 using namespace simd;
 
-// Eight consecutive points from p0; lanes past the last point repeat it and are inactive.
+// Eight points of a visiting order from position i0 (their indices go to p); an empty order is
+// grid order. Lanes past the last point repeat it and are inactive.
 template <int D>
-unsigned load_points8(const PenaltyPoints<float, D>& pts, int64_t p0, f8 (&x)[D]) {
+unsigned load_points8(const PenaltyPoints<float, D>& pts, const std::vector<int32_t>& order, int64_t i0, f8 (&x)[D],
+                      int64_t (&p)[kLanes]) {
   alignas(32) float xs[D][kLanes];
   unsigned active = 0;
   for (int l = 0; l < kLanes; ++l) {
-    const int64_t p = std::min(p0 + l, pts.num_points - 1);
-    if (p0 + l < pts.num_points) active |= 1u << l;
+    const int64_t i = std::min(i0 + l, pts.num_points - 1);
+    if (i0 + l < pts.num_points) active |= 1u << l;
+    p[l] = order.empty() ? i : order[i];
     float xp[D];
-    penalty_point(pts, p, xp);
+    penalty_point(pts, p[l], xp);
     for (int k = 0; k < D; ++k) xs[k][l] = xp[k];
   }
   for (int k = 0; k < D; ++k) x[k] = *reinterpret_cast<const f8*>(xs[k]);
@@ -126,9 +130,11 @@ double forward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<floa
   constexpr int E = D + 1;
   const Strides32<D> s32 = strides32(chain);
   const int64_t groups = (pts.num_points + kLanes - 1) / kLanes;
+  const std::vector<int32_t> order = visiting_order(pts);
   const double sum = deterministic_sum(groups, [&](int64_t group) {
     f8 x[D];
-    const unsigned active = load_points8(pts, group * kLanes, x);
+    int64_t p[kLanes];
+    const unsigned active = load_points8(pts, order, group * kLanes, x, p);
     double s = 0.0;
     for (int64_t b = 0; b < batch; ++b) {
       f8 start[E][D], end[E][D];
@@ -166,12 +172,14 @@ double backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<flo
   }
   std::vector<RowRange> all(rows.size());
   for (size_t i = 0; i < rows.size(); ++i) all[i] = {0, rows[i]};
+  const std::vector<int32_t> order = visiting_order(pts);
   return for_each_item_owning_rows(
       batch * groups, rows, 32,
       [&](int64_t item, const RowRange* own, std::vector<int64_t>& deferred) {
-        const int64_t b = item / groups, p0 = (item % groups) * kLanes;
+        const int64_t b = item / groups;
         f8 x[D];
-        const unsigned active = load_points8(pts, p0, x);
+        int64_t p[kLanes];
+        const unsigned active = load_points8(pts, order, (item % groups) * kLanes, x, p);
         f8 start[E][D], end[E][D];
         f8 stash[kMaxComposed][E][D];
         f8 jacobian[kMaxComposed][E][D][D];
@@ -180,7 +188,7 @@ double backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<flo
           for (int k = 0; k < D; ++k) end[e][k] = start[e][k];
         chain_forward8<D, E>(chain, s32, b, end, stash, jacobian);
         const unsigned owned = owned_lanes8<D, E>(chain, target, b, stash, own) & active;
-        for (unsigned rest = active & ~owned; rest; rest &= rest - 1) deferred.push_back(b * n + p0 + __builtin_ctz(rest));
+        for (unsigned rest = active & ~owned; rest; rest &= rest - 1) deferred.push_back(b * n + p[__builtin_ctz(rest)]);
         f8 g[D][D], a[E][D];
         fd_gradient_error8(start, end, delta, g);
         for (int c = 0; c < D; ++c) a[0][c] = splat(0.f);

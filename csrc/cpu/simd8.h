@@ -79,6 +79,24 @@ inline void gather_corners8(const float* f, const Cell8<2>& c, f8 (&v)[4]) {
   v[0] = gather(f, b), v[1] = gather(f, b + sx), v[2] = gather(f, b + sy), v[3] = gather(f, b + sy + sx);
 }
 
+inline f8 gather_masked(const float* base, i8 index, f8 src, i8 mask) {
+  return reinterpret_cast<f8>(_mm256_mask_i32gather_ps(reinterpret_cast<__m256>(src), base,
+                                                       reinterpret_cast<__m256i>(index),
+                                                       reinterpret_cast<__m256>(mask), 4));
+}
+
+// gather_corners8 for the lanes set in `mask` (all bits set or clear per lane); the other lanes
+// keep the values v holds.
+template <int D>
+inline void regather_corners8(const float* f, const Cell8<D>& c, i8 mask, f8 (&v)[1 << D]) {
+  for (int corner = 0; corner < (1 << D); ++corner) {
+    i8 o = c.base;
+    for (int k = 0; k < D; ++k)
+      if ((corner >> (D - 1 - k)) & 1) o += c.ax[k].step;
+    v[corner] = gather_masked(f, o, v[corner], mask);
+  }
+}
+
 inline void gather_corners8(const float* f, const Cell8<3>& c, f8 (&v)[8]) {
   const i8 sz = c.ax[0].step, sy = c.ax[1].step, sx = c.ax[2].step, b = c.base;
   v[0] = gather(f, b), v[1] = gather(f, b + sx), v[2] = gather(f, b + sy), v[3] = gather(f, b + sy + sx);
