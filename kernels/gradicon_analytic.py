@@ -212,8 +212,7 @@ def _gradicon_analytic(
 
 
 _NO_SPECIALIZE = ["N", "W0", "W1", "W2", "P0", "P1", "P2", "STRIDE", "SEED_LO", "SEED_HI", "NOISE_SCALE_LO",
-                  "NOISE_SCALE_HI", "COUNT",
-                  *SIZE_ARGS]
+                  "NOISE_SCALE_HI", "COUNT", *SIZE_ARGS]
 
 gradicon_analytic_forward = triton.autotune(configs=forward_configs(), key=["N", "NF", "D"])(
     triton.jit(_gradicon_analytic, do_not_specialize=_NO_SPECIALIZE))

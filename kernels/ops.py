@@ -251,8 +251,8 @@ def _gradicon_launch(kernel, grid, fields, buffers, batch, d, shape, stride, noi
     _launch(
         kernel, grid(n),
         noise_arg, partial, grad_loss, n, *_padded(shape), *_padded(counts), int(stride), *split64(seed),
-        *split64(float_bits(noise_scale)), *split64(float_bits(delta)), batch * d * n, *slots, NF=len(fields), BATCHED=batched,
-        GMASK=gmask, STOP=stop, HAS_NOISE=has_noise, BACKWARD=backward,
+        *split64(float_bits(noise_scale)), *split64(float_bits(delta)), batch * d * n, *slots, NF=len(fields),
+        BATCHED=batched, GMASK=gmask, STOP=stop, HAS_NOISE=has_noise, BACKWARD=backward,
         **_common(d, fields[0].dtype, _chain.is_big(noise_arg, *fields)), TILE=TILE, **launch)
 
 
@@ -292,9 +292,9 @@ def _analytic_launch(kernel, grid, fields, buffers, batch, d, shape, stride, noi
     _launch(
         kernel, grid(n),
         noise_arg, partial, grad_loss, n, *_padded(shape), *_padded(counts), int(stride), *split64(seed),
-        *split64(float_bits(noise_scale)), batch * d * n, *slots, NF=len(fields), BATCHED=batched, GMASK=gmask, STOP=stop,
-        HAS_NOISE=has_noise, BACKWARD=backward, **_common(d, fields[0].dtype, _chain.is_big(noise_arg, *fields)), TILE=TILE,
-        **launch)
+        *split64(float_bits(noise_scale)), batch * d * n, *slots, NF=len(fields), BATCHED=batched, GMASK=gmask,
+        STOP=stop, HAS_NOISE=has_noise, BACKWARD=backward,
+        **_common(d, fields[0].dtype, _chain.is_big(noise_arg, *fields)), TILE=TILE, **launch)
 
 
 def _gradicon_analytic_loss(chain_ab: list[Tensor], chain_ba: list[Tensor], shape: list[int], stride: int,
@@ -372,8 +372,8 @@ def _normal_noise(seed: int, d: int, points_shape: list[int], dtype: torch.dtype
     n = math.prod(points_shape)
     if n:
         block = noise_block()
-        _launch(normal_noise_kernel, (triton.cdiv(n, block),), out, n, *split64(seed), D=d, BIG=_chain.is_big(out), BLOCK=block,
-                num_warps=NUM_WARPS)
+        _launch(normal_noise_kernel, (triton.cdiv(n, block),), out, n, *split64(seed), D=d, BIG=_chain.is_big(out),
+                BLOCK=block, num_warps=NUM_WARPS)
     return out
 
 
