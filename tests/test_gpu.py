@@ -110,11 +110,11 @@ def exact(fn, inputs):
 def check_fd(got, expected, fn, inputs, what, slack=0.0):
     """Finite-difference GradICON (value, gradients) on "cuda" against the reference's.
 
-    float64: FD_TOL (+ slack). float32: FD_TOL (+ slack), or else no farther from the exact (float64) penalty than the
-    float32 reference is (3x, plus 1e-4). The gradients carry g - I, and where g ≈ I (points
-    clamped outside the fields, where g - I is only rounding divided by δ) both float32
-    implementations are equally far from the truth and from each other; a wrong kernel is orders of
-    magnitude farther.
+    float64: FD_TOL (+ slack). float32: FD_TOL (+ slack), or else no farther from the exact
+    (float64) penalty than the float32 reference is (3x, plus 1e-4). The gradients carry g - I, and
+    where g ≈ I (points clamped outside the fields, where g - I is only rounding divided by δ) both
+    float32 implementations are equally far from the truth and from each other; a wrong kernel is
+    orders of magnitude farther.
     """
     dtype = got[0].dtype
     for k, part in enumerate(("value", "grads")):
@@ -124,8 +124,9 @@ def check_fd(got, expected, fn, inputs, what, slack=0.0):
         assert dtype == torch.float32, f"{what} {part}: relative error {err:.3g} > {FD_TOL[dtype] + slack:g}"
         truth = exact(fn, inputs)[k]
         mine, theirs = relative_error(got[k], truth), relative_error(expected[k], truth)
-        assert mine <= 3 * theirs + 1e-4 + slack, (f"{what} {part}: relative error {err:.3g} against the float32 reference, "
-                                           f"{mine:.3g} against the float64 penalty (the reference's: {theirs:.3g})")
+        assert mine <= 3 * theirs + 1e-4 + slack, (
+            f"{what} {part}: relative error {err:.3g} against the float32 reference, "
+            f"{mine:.3g} against the float64 penalty (the reference's: {theirs:.3g})")
 
 
 # ---- noise ---------------------------------------------------------------------------------------
