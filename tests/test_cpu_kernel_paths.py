@@ -89,6 +89,36 @@ def test_float32_paths_match_reference(path, case, rng, monkeypatch):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("delta", [0.004, 0.03])
+def test_shifted_points_crossing_cells(path, delta, rng, monkeypatch):
+    """GradICON's δ-shifted points that land in the next cell along their axis (sharing a face
+    with the cell of their point) or in any other cell take their own branches in the vector
+    kernels; a δ of a tenth to a whole voxel of the finest field sends many points each way."""
+    d, shape, stride = 3, (30, 26, 28), 2
+    ab = _random_chain(rng, [(8, 9, 7), (30, 26, 28)], 2, d, 0.06)
+    ba = _random_chain(rng, [(29, 27, 25), (13, 12, 14)], 2, d, 0.06)
+    noise = torch.randn(1, d, *R.loss_points_shape(shape, stride), generator=rng)
+
+    def reference(dtype):
+        fields = [f.detach().to(dtype).requires_grad_() for f in ab + ba]
+        loss = gf.gradicon_loss(fields[:2], fields[2:], shape=shape, stride=stride, noise=noise.to(dtype),
+                                delta=delta, backend="torch")
+        return loss.detach(), torch.autograd.grad(loss, fields)
+
+    loss32, grads32 = reference(torch.float32)
+    loss64, grads64 = reference(torch.float64)
+
+    def fused():
+        loss = gf.gradicon_loss(ab, ba, shape=shape, stride=stride, noise=noise, delta=delta, backend="cpu")
+        return loss.detach(), torch.autograd.grad(loss, ab + ba)
+
+    loss, grads = _run(path, monkeypatch, fused)
+    _as_accurate_as_reference(loss.reshape(1), loss32.reshape(1), loss64.reshape(1), 1e-5)
+    for got, ref32, ref64 in zip(grads, grads32, grads64):
+        _as_accurate_as_reference(got, ref32, ref64, 1e-3)
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_seeded_noise_is_regenerated_in_backward(path, rng, monkeypatch):
     d, shape, stride = 3, (14, 15, 13), 2
     ab = _random_chain(rng, [(8, 7, 9), (15, 14, 13)], 2, d, 0.05)

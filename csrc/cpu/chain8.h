@@ -10,44 +10,54 @@
 
 namespace gradicon_fast::cpu::simd {
 
-// y ← φ(y) through the chain. stash (if given) keeps each field's input positions and jacobian
-// (if given) its spatial derivatives there, jacobian[j][e][ch][k] = ∂field_j,ch/∂x_k, for the
+// y ← f(y) for one field f of a chain. stash (if given) keeps the positions f is sampled at, and
+// jacobian (if given) its spatial derivatives there, jacobian[e][ch][k] = ∂f_ch/∂x_k, for the
 // reverse pass: the corners are loaded once for both.
 template <int D, int E>
-inline void chain_forward8(const ChainRef<float, D>& chain, const Strides32<D>& s32, int64_t b, f8 (&y)[E][D],
-                           f8 (*stash)[E][D], f8 (*jacobian)[E][D][D] = nullptr) {
-  for (int j = chain.count - 1; j >= 0; --j) {
-    const FieldRef<float, D>& f = chain.field[j];
-    const float* data = f.data + b * f.batch_stride;
-    // Corners of point 0's cells. The other points of a lane (GradICON's δ-shifted ones) mostly
-    // fall in the same cell: they reuse these and gather only the lanes whose cell differs.
+inline void field_forward8(const FieldRef<float, D>& f, const int32_t* stride, int64_t b, f8 (&y)[E][D],
+                           f8 (*stash)[D], f8 (*jacobian)[D][D]) {
+  const float* data = f.data + b * f.batch_stride;
+  Cell8<D> c[E];
+  for (int e = 0; e < E; ++e) c[e] = locate_cell8<D>(y[e], f.size, stride);
+  f8 v[E][D];
+  if (!jacobian) {
+    for (int e = 0; e < E; ++e)
+      for (int ch = 0; ch < D; ++ch) v[e][ch] = interpolate8(data + ch * f.channel_stride, c[e]);
+  } else {
+    // Corners of point 0's cells. The other points of a lane (GradICON's x + δ ê_k, e = k + 1)
+    // mostly fall in the same cell, or in the next one along axis k when δ crosses a voxel
+    // boundary (δ is a sixth of a voxel at 175³): those share a face with point 0's cell and
+    // gather only the other face. Lanes whose cell differs otherwise gather all corners.
     f8 corners0[D][1 << D];
-    i8 base0 = splat_i(0);
+    for (int ch = 0; ch < D; ++ch) gather_corners8(data + ch * f.channel_stride, c[0], corners0[ch]);
     for (int e = 0; e < E; ++e) {
-      const Cell8<D> c = locate_cell8<D>(y[e], f.size, s32.stride[j]);
-      f8 v[D];
-      if (jacobian) {
-        if (e == 0) base0 = c.base;
-        const i8 moved = c.base != base0;  // a cell is its base: the indices, hence the steps, follow
-        const bool any_moved = _mm256_movemask_ps(reinterpret_cast<__m256>(moved)) != 0;
-        for (int ch = 0; ch < D; ++ch) {
-          const float* channel = data + ch * f.channel_stride;
-          if (e == 0) gather_corners8(channel, c, corners0[ch]);
-          f8 corners[1 << D];
-          for (int q = 0; q < (1 << D); ++q) corners[q] = corners0[ch][q];
-          if (any_moved) regather_corners8<D>(channel, c, moved, corners);
-          v[ch] = interpolate_corners8(corners, c);
-          gradient_corners8(corners, c, jacobian[j][e][ch]);
-        }
-      } else {
-        for (int ch = 0; ch < D; ++ch) v[ch] = interpolate8(data + ch * f.channel_stride, c);
-      }
-      for (int k = 0; k < D; ++k) {
-        if (stash) stash[j][e][k] = y[e][k];
-        y[e][k] += v[k];
+      const CellMove<D> m = e == 0 ? CellMove<D>{} : cell_move8<D>(c[0], c[e], (e - 1) % D);
+      for (int ch = 0; ch < D; ++ch) {
+        const float* channel = data + ch * f.channel_stride;
+        f8 corners[1 << D];
+        for (int q = 0; q < (1 << D); ++q) corners[q] = corners0[ch][q];
+        if (m.any_face) next_cell_corners8<D>(channel, c[e], m, corners0[ch], corners);
+        if (m.any_other) regather_corners8<D>(channel, c[e], m.other, corners);
+        v[e][ch] = interpolate_corners8(corners, c[e]);
+        gradient_corners8(corners, c[e], jacobian[e][ch]);
       }
     }
   }
+  for (int e = 0; e < E; ++e)
+    for (int k = 0; k < D; ++k) {
+      if (stash) stash[e][k] = y[e][k];
+      y[e][k] += v[e][k];
+    }
+}
+
+// y ← φ(y) through the chain. stash (if given) keeps each field's input positions and jacobian
+// (if given) its spatial derivatives there, jacobian[j][e][ch][k] = ∂field_j,ch/∂x_k.
+template <int D, int E>
+inline void chain_forward8(const ChainRef<float, D>& chain, const Strides32<D>& s32, int64_t b, f8 (&y)[E][D],
+                           f8 (*stash)[E][D], f8 (*jacobian)[E][D][D] = nullptr) {
+  for (int j = chain.count - 1; j >= 0; --j)
+    field_forward8<D, E>(chain.field[j], s32.stride[j], b, y, stash ? stash[j] : nullptr,
+                         jacobian ? jacobian[j] : nullptr);
 }
 
 // Lanes whose every gradient write through `chain` stays inside `ranges` (bit l = lane l).

@@ -97,6 +97,51 @@ inline void regather_corners8(const float* f, const Cell8<D>& c, i8 mask, f8 (&v
   }
 }
 
+// How the cell of a point relates to the cell `c0` of point 0 of the same lane: the same
+// (neither mask), the next cell along `axis` (`face`: the two share a face), or any other.
+// Cells are compared by their base offset, which determines the indices.
+template <int D>
+struct CellMove {
+  int axis = 0;
+  i8 face = i8{}, other = i8{};
+  bool any_face = false, any_other = false;
+};
+
+template <int D>
+inline CellMove<D> cell_move8(const Cell8<D>& c0, const Cell8<D>& c, int axis) {
+  CellMove<D> m;
+  m.axis = axis;
+  const i8 same = c.base == c0.base;
+  m.face = (c.base == c0.base + c0.ax[axis].step) & (c0.ax[axis].step != splat_i(0)) & ~same;
+  m.other = ~(same | m.face);
+  m.any_face = _mm256_movemask_ps(reinterpret_cast<__m256>(m.face)) != 0;
+  m.any_other = _mm256_movemask_ps(reinterpret_cast<__m256>(m.other)) != 0;
+  return m;
+}
+
+inline f8 select8(i8 mask, f8 a, f8 b) {
+  return reinterpret_cast<f8>(_mm256_blendv_ps(reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(a),
+                                               reinterpret_cast<__m256>(mask)));
+}
+
+// Corners of cell c for the lanes of m.face: its lower face along m.axis is the upper face of
+// point 0's cell (corners0); only its upper face is gathered. Other lanes keep v.
+template <int D>
+inline void next_cell_corners8(const float* f, const Cell8<D>& c, const CellMove<D>& m, const f8 (&corners0)[1 << D],
+                               f8 (&v)[1 << D]) {
+  const int bit = 1 << (D - 1 - m.axis);
+  for (int corner = 0; corner < (1 << D); ++corner) {
+    if (corner & bit) {
+      i8 o = c.base;
+      for (int k = 0; k < D; ++k)
+        if ((corner >> (D - 1 - k)) & 1) o += c.ax[k].step;
+      v[corner] = gather_masked(f, o, v[corner], m.face);
+    } else {
+      v[corner] = select8(m.face, corners0[corner | bit], v[corner]);
+    }
+  }
+}
+
 inline void gather_corners8(const float* f, const Cell8<3>& c, f8 (&v)[8]) {
   const i8 sz = c.ax[0].step, sy = c.ax[1].step, sx = c.ax[2].step, b = c.base;
   v[0] = gather(f, b), v[1] = gather(f, b + sx), v[2] = gather(f, b + sy), v[3] = gather(f, b + sy + sx);
