@@ -31,7 +31,7 @@ inline void field_forward8(const FieldRef<float, D>& f, const int32_t* stride, i
     f8 corners0[D][1 << D];
     for (int ch = 0; ch < D; ++ch) gather_corners8(data + ch * f.channel_stride, c[0], corners0[ch]);
     for (int e = 0; e < E; ++e) {
-      const CellMove<D> m = e == 0 ? CellMove<D>{} : cell_move8<D>(c[0], c[e], (e - 1) % D);
+      const CellMove m = e == 0 ? CellMove{} : cell_move8<D>(c[0], c[e], (e - 1) % D);
       for (int ch = 0; ch < D; ++ch) {
         const float* channel = data + ch * f.channel_stride;
         f8 corners[1 << D];

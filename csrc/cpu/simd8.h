@@ -85,22 +85,26 @@ inline f8 gather_masked(const float* base, i8 index, f8 src, i8 mask) {
                                                        reinterpret_cast<__m256>(mask), 4));
 }
 
+// Offset of a cell's corner (bit k set = upper corner along axis k, axis 0 the highest bit).
+template <int D>
+inline i8 corner_offset8(const Cell8<D>& c, int corner) {
+  i8 o = c.base;
+  for (int k = 0; k < D; ++k)
+    if ((corner >> (D - 1 - k)) & 1) o += c.ax[k].step;
+  return o;
+}
+
 // gather_corners8 for the lanes set in `mask` (all bits set or clear per lane); the other lanes
 // keep the values v holds.
 template <int D>
 inline void regather_corners8(const float* f, const Cell8<D>& c, i8 mask, f8 (&v)[1 << D]) {
-  for (int corner = 0; corner < (1 << D); ++corner) {
-    i8 o = c.base;
-    for (int k = 0; k < D; ++k)
-      if ((corner >> (D - 1 - k)) & 1) o += c.ax[k].step;
-    v[corner] = gather_masked(f, o, v[corner], mask);
-  }
+  for (int corner = 0; corner < (1 << D); ++corner)
+    v[corner] = gather_masked(f, corner_offset8(c, corner), v[corner], mask);
 }
 
 // How the cell of a point relates to the cell `c0` of point 0 of the same lane: the same
 // (neither mask), the next cell along `axis` (`face`: the two share a face), or any other.
 // Cells are compared by their base offset, which determines the indices.
-template <int D>
 struct CellMove {
   int axis = 0;
   i8 face = i8{}, other = i8{};
@@ -108,8 +112,8 @@ struct CellMove {
 };
 
 template <int D>
-inline CellMove<D> cell_move8(const Cell8<D>& c0, const Cell8<D>& c, int axis) {
-  CellMove<D> m;
+inline CellMove cell_move8(const Cell8<D>& c0, const Cell8<D>& c, int axis) {
+  CellMove m;
   m.axis = axis;
   const i8 same = c.base == c0.base;
   m.face = (c.base == c0.base + c0.ax[axis].step) & (c0.ax[axis].step != splat_i(0)) & ~same;
@@ -119,25 +123,17 @@ inline CellMove<D> cell_move8(const Cell8<D>& c0, const Cell8<D>& c, int axis) {
   return m;
 }
 
-inline f8 select8(i8 mask, f8 a, f8 b) {
-  return reinterpret_cast<f8>(_mm256_blendv_ps(reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(a),
-                                               reinterpret_cast<__m256>(mask)));
-}
-
 // Corners of cell c for the lanes of m.face: its lower face along m.axis is the upper face of
 // point 0's cell (corners0); only its upper face is gathered. Other lanes keep v.
 template <int D>
-inline void next_cell_corners8(const float* f, const Cell8<D>& c, const CellMove<D>& m, const f8 (&corners0)[1 << D],
+inline void next_cell_corners8(const float* f, const Cell8<D>& c, const CellMove& m, const f8 (&corners0)[1 << D],
                                f8 (&v)[1 << D]) {
   const int bit = 1 << (D - 1 - m.axis);
   for (int corner = 0; corner < (1 << D); ++corner) {
     if (corner & bit) {
-      i8 o = c.base;
-      for (int k = 0; k < D; ++k)
-        if ((corner >> (D - 1 - k)) & 1) o += c.ax[k].step;
-      v[corner] = gather_masked(f, o, v[corner], m.face);
+      v[corner] = gather_masked(f, corner_offset8(c, corner), v[corner], m.face);
     } else {
-      v[corner] = select8(m.face, corners0[corner | bit], v[corner]);
+      v[corner] = m.face ? corners0[corner | bit] : v[corner];
     }
   }
 }
