@@ -141,7 +141,8 @@ inline void next_cell_corners8(const float* f, const Cell8<D>& c, const CellMove
 inline void gather_corners8(const float* f, const Cell8<3>& c, f8 (&v)[8]) {
   const i8 sz = c.ax[0].step, sy = c.ax[1].step, sx = c.ax[2].step, b = c.base;
   v[0] = gather(f, b), v[1] = gather(f, b + sx), v[2] = gather(f, b + sy), v[3] = gather(f, b + sy + sx);
-  v[4] = gather(f, b + sz), v[5] = gather(f, b + sz + sx), v[6] = gather(f, b + sz + sy), v[7] = gather(f, b + sz + sy + sx);
+  v[4] = gather(f, b + sz), v[5] = gather(f, b + sz + sx);
+  v[6] = gather(f, b + sz + sy), v[7] = gather(f, b + sz + sy + sx);
 }
 
 // interpolate() of sampling.h on gathered corners.
@@ -185,14 +186,9 @@ template <int D>
 inline void corner_weights8(const Cell8<D>& c, f8* weight, i8* offset) {
   for (int corner = 0; corner < (1 << D); ++corner) {
     f8 w = splat(1.f);
-    i8 o = c.base;
-    for (int k = 0; k < D; ++k) {
-      const bool upper = (corner >> (D - 1 - k)) & 1;
-      w *= upper ? c.ax[k].frac : splat(1.f) - c.ax[k].frac;
-      if (upper) o += c.ax[k].step;
-    }
+    for (int k = 0; k < D; ++k) w *= (corner >> (D - 1 - k)) & 1 ? c.ax[k].frac : splat(1.f) - c.ax[k].frac;
     weight[corner] = w;
-    offset[corner] = o;
+    offset[corner] = corner_offset8(c, corner);
   }
 }
 
