@@ -167,7 +167,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> warp_backward_cpu(const at::Tens
   TORCH_CHECK(grad.sizes().vec() == args.out_shape, "grad must have shape ", at::IntArrayRef(args.out_shape), ", got ",
               grad.sizes());
   const auto grads = gradient_buffers(args.fields, chain_needs_grad);
-  at::Tensor grad_image = image_needs_grad ? at::zeros_like(args.image) : at::Tensor();
+  at::Tensor grad_image = image_needs_grad ? zeroed_buffer(args.image) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(args.image.scalar_type(), "warp_backward_cpu", [&] {
     if (args.d == 2) {
       backward_kernel<scalar_t, 2>(chain_ref<scalar_t, 2>(args.fields, grads, args.batch),
