@@ -10,37 +10,43 @@
 
 namespace gradicon_fast::cpu::simd {
 
-// y ← f(y) for one field f of a chain. stash (if given) keeps the positions f is sampled at, and
-// jacobian (if given) its spatial derivatives there, jacobian[e][ch][k] = ∂f_ch/∂x_k, for the
-// reverse pass: the corners are loaded once for both.
+// y ← f(y) for one field f of a chain, at GradICON's E points per lane: point 0 and its shifts
+// x + δ ê_k (e = k + 1). stash (if given) keeps the positions f is sampled at, and jacobian (if
+// given) its spatial derivatives there, jacobian[e][ch][k] = ∂f_ch/∂x_k, for the reverse pass.
+//
+// The corners of point 0's cells are gathered; the shifted points mostly fall in the same cell,
+// or in the next one along axis k when δ crosses a voxel boundary (δ is a sixth of a voxel at
+// 175³): those share a face with point 0's cell and load only the other face. Lanes whose cell
+// differs otherwise load all corners.
 template <int D, int E>
 inline void field_forward8(const FieldRef<float, D>& f, const int32_t* stride, int64_t b, f8 (&y)[E][D],
                            f8 (*stash)[D], f8 (*jacobian)[D][D]) {
+  constexpr int kCorners = 1 << D;
   const float* data = f.data + b * f.batch_stride;
   Cell8<D> c[E];
   for (int e = 0; e < E; ++e) c[e] = locate_cell8<D>(y[e], f.size, stride);
+  f8 corners0[D][kCorners];
+  for (int ch = 0; ch < D; ++ch) gather_corners8(data + ch * f.channel_stride, c[0], corners0[ch]);
   f8 v[E][D];
-  if (!jacobian) {
-    for (int e = 0; e < E; ++e)
-      for (int ch = 0; ch < D; ++ch) v[e][ch] = interpolate8(data + ch * f.channel_stride, c[e]);
-  } else {
-    // Corners of point 0's cells. The other points of a lane (GradICON's x + δ ê_k, e = k + 1)
-    // mostly fall in the same cell, or in the next one along axis k when δ crosses a voxel
-    // boundary (δ is a sixth of a voxel at 175³): those share a face with point 0's cell and
-    // gather only the other face. Lanes whose cell differs otherwise gather all corners.
-    f8 corners0[D][1 << D];
-    for (int ch = 0; ch < D; ++ch) gather_corners8(data + ch * f.channel_stride, c[0], corners0[ch]);
-    for (int e = 0; e < E; ++e) {
-      const CellMove m = e == 0 ? CellMove{} : cell_move8<D>(c[0], c[e], (e - 1) % D);
-      for (int ch = 0; ch < D; ++ch) {
-        const float* channel = data + ch * f.channel_stride;
-        f8 corners[1 << D];
-        for (int q = 0; q < (1 << D); ++q) corners[q] = corners0[ch][q];
-        if (m.any_face) next_cell_corners8<D>(channel, c[e], m, corners0[ch], corners);
-        if (m.any_other) regather_corners8<D>(channel, c[e], m.other, corners);
-        v[e][ch] = interpolate_corners8(corners, c[e]);
-        gradient_corners8(corners, c[e], jacobian[e][ch]);
+  for (int e = 0; e < E; ++e) {
+    f8 corners[D][kCorners];
+    for (int ch = 0; ch < D; ++ch)
+      for (int q = 0; q < kCorners; ++q) corners[ch][q] = corners0[ch][q];
+    if (e > 0) {
+      const CellMove m = cell_move8<D>(c[0], c[e], (e - 1) % D);
+      if (m.face_lanes) {
+        const int bit = 1 << (D - 1 - m.axis);
+        for (int ch = 0; ch < D; ++ch)
+          for (int q = 0; q < kCorners; ++q)
+            if (!(q & bit)) corners[ch][q] = m.face ? corners0[ch][q | bit] : corners[ch][q];
+        load_lane_corners8<D>(data, f.channel_stride, c[e], face_corners<D>(m.axis), m.face, m.face_lanes, corners);
       }
+      if (m.other_lanes) load_lane_corners8<D>(data, f.channel_stride, c[e], kCorners == 8 ? 0xff : 0xf, m.other,
+                                               m.other_lanes, corners);
+    }
+    for (int ch = 0; ch < D; ++ch) {
+      v[e][ch] = interpolate_corners8(corners[ch], c[e]);
+      if (jacobian) gradient_corners8(corners[ch], c[e], jacobian[e][ch]);
     }
   }
   for (int e = 0; e < E; ++e)

@@ -94,22 +94,16 @@ inline i8 corner_offset8(const Cell8<D>& c, int corner) {
   return o;
 }
 
-// gather_corners8 for the lanes set in `mask` (all bits set or clear per lane); the other lanes
-// keep the values v holds.
-template <int D>
-inline void regather_corners8(const float* f, const Cell8<D>& c, i8 mask, f8 (&v)[1 << D]) {
-  for (int corner = 0; corner < (1 << D); ++corner)
-    v[corner] = gather_masked(f, corner_offset8(c, corner), v[corner], mask);
-}
-
-// How the cell of a point relates to the cell `c0` of point 0 of the same lane: the same
-// (neither mask), the next cell along `axis` (`face`: the two share a face), or any other.
-// Cells are compared by their base offset, which determines the indices.
+// How the cell of a point relates to the cell `c0` of point 0 of the same lane: the same, the
+// next cell along `axis` (`face`: the two share a face), or any other (`other`). Cells are
+// compared by their base offset, which determines the indices. The lane sets as bit masks too.
 struct CellMove {
   int axis = 0;
   i8 face = i8{}, other = i8{};
-  bool any_face = false, any_other = false;
+  unsigned face_lanes = 0, other_lanes = 0;
 };
+
+inline unsigned lane_bits(i8 mask) { return static_cast<unsigned>(_mm256_movemask_ps(reinterpret_cast<__m256>(mask))); }
 
 template <int D>
 inline CellMove cell_move8(const Cell8<D>& c0, const Cell8<D>& c, int axis) {
@@ -118,22 +112,47 @@ inline CellMove cell_move8(const Cell8<D>& c0, const Cell8<D>& c, int axis) {
   const i8 same = c.base == c0.base;
   m.face = (c.base == c0.base + c0.ax[axis].step) & (c0.ax[axis].step != splat_i(0)) & ~same;
   m.other = ~(same | m.face);
-  m.any_face = _mm256_movemask_ps(reinterpret_cast<__m256>(m.face)) != 0;
-  m.any_other = _mm256_movemask_ps(reinterpret_cast<__m256>(m.other)) != 0;
+  m.face_lanes = lane_bits(m.face);
+  m.other_lanes = lane_bits(m.other);
   return m;
 }
 
-// Corners of cell c for the lanes of m.face: its lower face along m.axis is the upper face of
-// point 0's cell (corners0); only its upper face is gathered. Other lanes keep v.
+// The corners on the upper face along `axis` (bit q set: corner q).
 template <int D>
-inline void next_cell_corners8(const float* f, const Cell8<D>& c, const CellMove& m, const f8 (&corners0)[1 << D],
-                               f8 (&v)[1 << D]) {
-  const int bit = 1 << (D - 1 - m.axis);
-  for (int corner = 0; corner < (1 << D); ++corner) {
-    if (corner & bit) {
-      v[corner] = gather_masked(f, corner_offset8(c, corner), v[corner], m.face);
-    } else {
-      v[corner] = m.face ? corners0[corner | bit] : v[corner];
+constexpr unsigned face_corners(int axis) {
+  unsigned out = 0;
+  for (int q = 0; q < (1 << D); ++q)
+    if (q & (1 << (D - 1 - axis))) out |= 1u << q;
+  return out;
+}
+
+// v[ch][q] ← channel ch of cell c's corner q, for the corners in `which` (bit q) and the lanes in
+// `lanes` (bit l; `mask` the same as a vector); the other lanes and corners keep their values.
+// A masked gather costs a whole gather however few lanes it loads, and GradICON's shifted
+// points leave point 0's cell in one lane or two of eight: for up to four lanes, scalar loads
+// blended into the vectors are cheaper.
+template <int D>
+inline void load_lane_corners8(const float* f, int64_t channel_stride, const Cell8<D>& c, unsigned which, i8 mask,
+                               unsigned lanes, f8 (&v)[D][1 << D]) {
+  constexpr int kCorners = 1 << D;
+  if (__builtin_popcount(lanes) > 4) {
+    for (int q = 0; q < kCorners; ++q) {
+      if (!(which >> q & 1)) continue;
+      const i8 offset = corner_offset8(c, q);
+      for (int ch = 0; ch < D; ++ch) v[ch][q] = gather_masked(f + ch * channel_stride, offset, v[ch][q], mask);
+    }
+    return;
+  }
+  const i8 lane_index = i8{0, 1, 2, 3, 4, 5, 6, 7};
+  for (; lanes; lanes &= lanes - 1) {
+    const int l = __builtin_ctz(lanes);
+    const i8 pick = lane_index == splat_i(l);
+    for (int q = 0; q < kCorners; ++q) {
+      if (!(which >> q & 1)) continue;
+      int32_t offset = c.base[l];
+      for (int k = 0; k < D; ++k)
+        if ((q >> (D - 1 - k)) & 1) offset += c.ax[k].step[l];
+      for (int ch = 0; ch < D; ++ch) v[ch][q] = pick ? splat(f[ch * channel_stride + offset]) : v[ch][q];
     }
   }
 }
@@ -172,13 +191,6 @@ inline void gradient_corners8(const f8 (&v)[8], const Cell8<3>& c, f8* grad) {
   grad[0] = (lerp8(c10, c11, fy) - lerp8(c00, c01, fy)) * c.ax[0].dpdx;
   grad[1] = lerp8(c01 - c00, c11 - c10, fz) * c.ax[1].dpdx;
   grad[2] = lerp8(lerp8(v[1] - v[0], v[3] - v[2], fy), lerp8(v[5] - v[4], v[7] - v[6], fy), fz) * c.ax[2].dpdx;
-}
-
-template <int D>
-inline f8 interpolate8(const float* f, const Cell8<D>& c) {
-  f8 v[1 << D];
-  gather_corners8(f, c, v);
-  return interpolate_corners8(v, c);
 }
 
 // corner_weights() of sampling.h: weight and offset of each of the 2^D corners.
