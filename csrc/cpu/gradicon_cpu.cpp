@@ -92,19 +92,17 @@ double backward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& p
 #ifdef GF_HAVE_SIMD8
 using namespace simd;
 
-// Eight points of a visiting order from position i0 (their indices go to p); an empty order is
-// grid order. Lanes past the last point repeat it and are inactive.
+// Eight points of a visiting order from position i0 (their indices go to p). Lanes past the last
+// point repeat it and are inactive.
 template <int D>
-unsigned load_points8(const PenaltyPoints<float, D>& pts, const std::vector<int32_t>& order, int64_t i0, f8 (&x)[D],
-                      int64_t (&p)[kLanes]) {
+unsigned load_points8(const PenaltyPoints<float, D>& pts, const VisitingOrder<float, D>& order, int64_t i0,
+                      f8 (&x)[D], int64_t (&p)[kLanes]) {
   alignas(32) float xs[D][kLanes];
   unsigned active = 0;
   for (int l = 0; l < kLanes; ++l) {
-    const int64_t i = std::min(i0 + l, pts.num_points - 1);
     if (i0 + l < pts.num_points) active |= 1u << l;
-    p[l] = order.empty() ? i : order[i];
     float xp[D];
-    penalty_point(pts, p[l], xp);
+    order.point(pts, std::min(i0 + l, pts.num_points - 1), p[l], xp);
     for (int k = 0; k < D; ++k) xs[k][l] = xp[k];
   }
   for (int k = 0; k < D; ++k) x[k] = *reinterpret_cast<const f8*>(xs[k]);
@@ -130,7 +128,7 @@ double forward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<floa
   constexpr int E = D + 1;
   const Strides32<D> s32 = strides32(chain);
   const int64_t groups = (pts.num_points + kLanes - 1) / kLanes;
-  const std::vector<int32_t> order = visiting_order(pts);
+  const VisitingOrder<float, D> order = visiting_order(pts);
   const double sum = deterministic_sum(groups, [&](int64_t group) {
     f8 x[D];
     int64_t p[kLanes];
@@ -172,7 +170,7 @@ double backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<flo
   }
   std::vector<RowRange> all(rows.size());
   for (size_t i = 0; i < rows.size(); ++i) all[i] = {0, rows[i]};
-  const std::vector<int32_t> order = visiting_order(pts);
+  const VisitingOrder<float, D> order = visiting_order(pts);
   return for_each_item_owning_rows(
       batch * groups, rows, 32,
       [&](int64_t item, const RowRange* own, std::vector<int64_t>& deferred) {

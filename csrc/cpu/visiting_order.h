@@ -20,12 +20,31 @@ namespace gradicon_fast::cpu {
 // caches; 4 measured the same, 16 and whole planes slower.
 constexpr int64_t kVisitBrick = 8;
 
-// The point indices in visiting order: bricks of kVisitBrick^D cells of the point grid in
-// z-major order, the cells inside a brick likewise, points in a cell by index (a stable counting
-// sort, so the order is deterministic). 4 bytes a point, plus 8 while sorting. Empty (visit in
-// grid order) when the indices would not fit int32.
+// The points in visiting order, with their positions: computed once here, where the order needs
+// them, because drawing the noise is most of a position's cost (a tenth of a lung-scale step).
 template <typename T, int D>
-std::vector<int32_t> visiting_order(const PenaltyPoints<T, D>& pts) {
+struct VisitingOrder {
+  std::vector<int32_t> index;  // point indices in visiting order; empty: grid order, nothing stored
+  std::vector<T> x;            // x[k * n + p]: coordinate k of point p (grid order)
+
+  // Point i of the order: its index p and position x.
+  void point(const PenaltyPoints<T, D>& pts, int64_t i, int64_t& p, T (&xp)[D]) const {
+    if (index.empty()) {
+      p = i;
+      penalty_point(pts, p, xp);
+      return;
+    }
+    p = index[i];
+    for (int k = 0; k < D; ++k) xp[k] = x[k * pts.num_points + p];
+  }
+};
+
+// Bricks of kVisitBrick^D cells of the point grid in z-major order, the cells inside a brick
+// likewise, points in a cell by index (a stable counting sort, so the order is deterministic).
+// 4 + 4·D bytes a point, plus 8 while sorting. Grid order (nothing stored) when the indices would
+// not fit int32.
+template <typename T, int D>
+VisitingOrder<T, D> visiting_order(const PenaltyPoints<T, D>& pts) {
   const int64_t n = pts.num_points;
   int64_t bricks[D], brick_cells = 1, buckets = 1;
   for (int a = 0; a < D; ++a) {
@@ -33,7 +52,9 @@ std::vector<int32_t> visiting_order(const PenaltyPoints<T, D>& pts) {
     brick_cells *= kVisitBrick;
     buckets *= bricks[a] * kVisitBrick;
   }
-  if (buckets >= INT32_MAX) return {};
+  VisitingOrder<T, D> v;
+  if (buckets >= INT32_MAX) return v;
+  v.x.resize(static_cast<size_t>(D * n));
   std::vector<int32_t> bucket(n);
   at::parallel_for(0, n, 4096, [&](int64_t first, int64_t last) {
     for (int64_t p = first; p < last; ++p) {
@@ -41,6 +62,7 @@ std::vector<int32_t> visiting_order(const PenaltyPoints<T, D>& pts) {
       penalty_point(pts, p, x);
       int64_t outer = 0, inner = 0;
       for (int a = 0; a < D; ++a) {
+        v.x[a * n + p] = x[a];
         // nearest point-grid index, clamped (a NaN lands on 0)
         const T hi = static_cast<T>(pts.count[a] - 1);
         const T c = x[a] * hi + T(0.5);
@@ -51,11 +73,12 @@ std::vector<int32_t> visiting_order(const PenaltyPoints<T, D>& pts) {
       bucket[p] = static_cast<int32_t>(outer * brick_cells + inner);
     }
   });
-  std::vector<int32_t> start(buckets + 1, 0), order(n);
+  std::vector<int32_t> start(buckets + 1, 0);
+  v.index.resize(n);
   for (int64_t p = 0; p < n; ++p) ++start[bucket[p] + 1];
   for (int64_t k = 0; k < buckets; ++k) start[k + 1] += start[k];
-  for (int64_t p = 0; p < n; ++p) order[start[bucket[p]]++] = static_cast<int32_t>(p);
-  return order;
+  for (int64_t p = 0; p < n; ++p) v.index[start[bucket[p]]++] = static_cast<int32_t>(p);
+  return v;
 }
 
 }  // namespace gradicon_fast::cpu
