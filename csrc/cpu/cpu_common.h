@@ -211,6 +211,7 @@ inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
 // touch. Gradient buffers are fresh allocations (page-fault costs on first touch) written at
 // scattered places: at lung scale, zeroing 290 MB of fresh 4 KiB pages takes 60 ms of a 0.45 s
 // step, with huge pages 20 ms. A hint only: where THP is off or the call fails nothing changes.
+// Where memory is fragmented the kernel may compact on the first faults (slower first calls).
 inline void advise_huge_pages(void* data, size_t bytes) {
 #ifdef __linux__
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
