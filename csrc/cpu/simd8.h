@@ -143,16 +143,16 @@ inline void load_lane_corners8(const float* f, int64_t channel_stride, const Cel
     }
     return;
   }
+  i8 offset[kCorners];
+  for (int q = 0; q < kCorners; ++q)
+    if (which >> q & 1) offset[q] = corner_offset8(c, q);
   const i8 lane_index = i8{0, 1, 2, 3, 4, 5, 6, 7};
   for (; lanes; lanes &= lanes - 1) {
     const int l = __builtin_ctz(lanes);
     const i8 pick = lane_index == splat_i(l);
     for (int q = 0; q < kCorners; ++q) {
       if (!(which >> q & 1)) continue;
-      int32_t offset = c.base[l];
-      for (int k = 0; k < D; ++k)
-        if ((q >> (D - 1 - k)) & 1) offset += c.ax[k].step[l];
-      for (int ch = 0; ch < D; ++ch) v[ch][q] = pick ? splat(f[ch * channel_stride + offset]) : v[ch][q];
+      for (int ch = 0; ch < D; ++ch) v[ch][q] = pick ? splat(f[ch * channel_stride + offset[q][l]]) : v[ch][q];
     }
   }
 }
