@@ -38,7 +38,7 @@ inline void field_forward8(const FieldRef<float, D>& f, const int32_t* stride, i
                            locate_cell8<D>(later, f.size, stride));
   }
   f8 corners0[D][kCorners];
-  for (int ch = 0; ch < D; ++ch) gather_corners8(data + ch * f.channel_stride, c[0], corners0[ch]);
+  load_corners8<D>(data, f.channel_stride, f.size[D - 1], c[0], corners0);
   f8 v[E][D];
   for (int e = 0; e < E; ++e) {
     f8 corners[D][kCorners];

@@ -164,6 +164,40 @@ inline void gather_corners8(const float* f, const Cell8<3>& c, f8 (&v)[8]) {
   v[6] = gather(f, b + sz + sy), v[7] = gather(f, b + sz + sy + sx);
 }
 
+// Lanes l's corner pair (o[l], o[l] + 1), for eight lanes: even[l] = f[o[l]], odd[l] = f[o[l] + 1].
+inline void load_pairs8(const float* f, const int32_t* o, f8& even, f8& odd) {
+  auto pair = [&](int l) { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(f + o[l]))); };
+  auto two = [&](int l) { return _mm_loadh_pi(pair(l), reinterpret_cast<const __m64*>(f + o[l + 1])); };
+  const __m256 lo = _mm256_insertf128_ps(_mm256_castps128_ps256(two(0)), two(4), 1);  // lanes 0 1 | 4 5
+  const __m256 hi = _mm256_insertf128_ps(_mm256_castps128_ps256(two(2)), two(6), 1);  // lanes 2 3 | 6 7
+  even = reinterpret_cast<f8>(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0)));
+  odd = reinterpret_cast<f8>(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// v[ch][q] = corner q of cell c in channel ch (channel stride cs). A cell's two corners along x
+// are neighbours in memory: they are loaded as pairs with plain loads, which on Zen 4 keep more
+// cache misses in flight than gathers (the lung-scale forward pass: 0.18 -> 0.14 s). At the
+// last voxel along x (step 0) the pair that ends at the voxel is loaded, and its second value
+// serves both corners; fields one voxel wide along x (size_x) are gathered.
+template <int D>
+inline void load_corners8(const float* f, int64_t cs, int size_x, const Cell8<D>& c, f8 (&v)[D][1 << D]) {
+  constexpr int kRows = 1 << (D - 1);  // corner 2r starts row r, corner 2r + 1 is its neighbour
+  if (size_x < 2) {
+    for (int ch = 0; ch < D; ++ch) gather_corners8(f + ch * cs, c, v[ch]);
+    return;
+  }
+  const i8 last_x = c.ax[D - 1].step == splat_i(0);
+  alignas(32) int32_t row[kRows][kLanes];
+  for (int r = 0; r < kRows; ++r) *reinterpret_cast<i8*>(row[r]) = corner_offset8(c, 2 * r) + last_x;  // -1 there
+  for (int ch = 0; ch < D; ++ch)
+    for (int r = 0; r < kRows; ++r) {
+      f8 even, odd;
+      load_pairs8(f + ch * cs, row[r], even, odd);
+      v[ch][2 * r] = last_x ? odd : even;
+      v[ch][2 * r + 1] = odd;
+    }
+}
+
 // interpolate() of sampling.h on gathered corners.
 inline f8 interpolate_corners8(const f8 (&v)[4], const Cell8<2>& c) {
   const f8 fx = c.ax[1].frac, fy = c.ax[0].frac;
