@@ -100,10 +100,9 @@ inline unsigned owned_lanes8(const ChainRef<float, D>& chain, const int* target,
   return static_cast<unsigned>(_mm256_movemask_ps(reinterpret_cast<__m256>(ok)));
 }
 
-// Adds a[e][ch] * weight to the corners of each active lane's cells; when a lane's E points
-// share a cell (same base: the corner offsets follow), their contributions are summed before the
-// write (as scatter_to_cells does). Products and sums run on vectors, then the writes go lane
-// by lane: first the lanes with a shared cell, then the others.
+// Adds a[e][ch] * weight to the corners of each active lane's cells. The contributions of the
+// points that share point 0's cell (all E of them in most lanes) are summed on vectors and
+// written once; a point in another cell writes its own corners. The writes go lane by lane.
 template <int D, int E>
 inline void scatter8(float* grad, int64_t channel_stride, const Cell8<D> (&c)[E], const f8 (&a)[E][D],
                      unsigned active) {
@@ -115,39 +114,38 @@ inline void scatter8(float* grad, int64_t channel_stride, const Cell8<D> (&c)[E]
     corner_weights8<D>(c[e], w[e], ov);
     for (int corner = 0; corner < kCorners; ++corner) *reinterpret_cast<i8*>(off[e][corner]) = ov[corner];
   }
-  i8 same = splat_i(-1);
-  for (int e = 1; e < E; ++e) same &= c[e].base == c[0].base;
-  const unsigned merged = static_cast<unsigned>(_mm256_movemask_ps(reinterpret_cast<__m256>(same))) & active;
-  if (merged) {
-    alignas(32) float sum[D][kCorners][kLanes];
+  i8 same[E];
+  unsigned moved[E];
+  for (int e = 1; e < E; ++e) {
+    same[e] = c[e].base == c[0].base;
+    moved[e] = active & ~lane_bits(same[e]);
+  }
+  alignas(32) float sum[D][kCorners][kLanes];
+  for (int ch = 0; ch < D; ++ch)
+    for (int corner = 0; corner < kCorners; ++corner) {
+      f8 v = a[0][ch] * w[0][corner];
+      for (int e = 1; e < E; ++e) v += same[e] ? a[e][ch] * w[e][corner] : splat(0.f);
+      *reinterpret_cast<f8*>(sum[ch][corner]) = v;
+    }
+  for (unsigned rest = active; rest; rest &= rest - 1) {
+    const int l = __builtin_ctz(rest);
+    for (int ch = 0; ch < D; ++ch) {
+      float* g = grad + ch * channel_stride;
+      for (int corner = 0; corner < kCorners; ++corner) g[off[0][corner][l]] += sum[ch][corner][l];
+    }
+  }
+  for (int e = 1; e < E; ++e) {
+    if (!moved[e]) continue;
+    alignas(32) float term[D][kCorners][kLanes];
     for (int ch = 0; ch < D; ++ch)
-      for (int corner = 0; corner < kCorners; ++corner) {
-        f8 v = a[0][ch] * w[0][corner];
-        for (int e = 1; e < E; ++e) v += a[e][ch] * w[e][corner];
-        *reinterpret_cast<f8*>(sum[ch][corner]) = v;
-      }
-    for (unsigned rest = merged; rest; rest &= rest - 1) {
+      for (int corner = 0; corner < kCorners; ++corner)
+        *reinterpret_cast<f8*>(term[ch][corner]) = a[e][ch] * w[e][corner];
+    for (unsigned rest = moved[e]; rest; rest &= rest - 1) {
       const int l = __builtin_ctz(rest);
       for (int ch = 0; ch < D; ++ch) {
         float* g = grad + ch * channel_stride;
-        for (int corner = 0; corner < kCorners; ++corner) g[off[0][corner][l]] += sum[ch][corner][l];
+        for (int corner = 0; corner < kCorners; ++corner) g[off[e][corner][l]] += term[ch][corner][l];
       }
-    }
-  }
-  const unsigned split = active & ~merged;
-  if (split) {
-    alignas(32) float term[E][D][kCorners][kLanes];
-    for (int e = 0; e < E; ++e)
-      for (int ch = 0; ch < D; ++ch)
-        for (int corner = 0; corner < kCorners; ++corner)
-          *reinterpret_cast<f8*>(term[e][ch][corner]) = a[e][ch] * w[e][corner];
-    for (unsigned rest = split; rest; rest &= rest - 1) {
-      const int l = __builtin_ctz(rest);
-      for (int e = 0; e < E; ++e)
-        for (int ch = 0; ch < D; ++ch) {
-          float* g = grad + ch * channel_stride;
-          for (int corner = 0; corner < kCorners; ++corner) g[off[e][corner][l]] += term[e][ch][corner][l];
-        }
     }
   }
 }
