@@ -14,29 +14,18 @@ namespace gradicon_fast::cpu::simd {
 // x + δ ê_k (e = k + 1). stash (if given) keeps the positions f is sampled at, and jacobian (if
 // given) its spatial derivatives there, jacobian[e][ch][k] = ∂f_ch/∂x_k, for the reverse pass.
 //
-// The corners of point 0's cells are gathered; the shifted points mostly fall in the same cell,
+// The corners of point 0's cells are loaded; the shifted points mostly fall in the same cell,
 // or in the next one along axis k when δ crosses a voxel boundary (δ is a sixth of a voxel at
 // 175³): those share a face with point 0's cell and load only the other face. Lanes whose cell
-// differs otherwise load all corners.
-//
-// lookahead (if given) is how far the points of a group a little later in the visiting order lie
-// from these: the cells that group will read in f, and write in f's gradient, are guessed as
-// these points' cells moved by it, and prefetched. The guess is exact in the first field and holds
-// in later ones as far as the maps are smooth (for a fifth of the rows in the benchmark's rough
-// lung-scale maps); a lung-scale step waits for memory about 4 % less.
+// differs otherwise load all corners. (Prefetching the cells a later group would read, guessed
+// from these, stopped paying once these loads were plain loads instead of gathers.)
 template <int D, int E>
 inline void field_forward8(const FieldRef<float, D>& f, const int32_t* stride, int64_t b, f8 (&y)[E][D],
-                           f8 (*stash)[D], f8 (*jacobian)[D][D], const f8* lookahead) {
+                           f8 (*stash)[D], f8 (*jacobian)[D][D]) {
   constexpr int kCorners = 1 << D;
   const float* data = f.data + b * f.batch_stride;
   Cell8<D> c[E];
   for (int e = 0; e < E; ++e) c[e] = locate_cell8<D>(y[e], f.size, stride);
-  if (lookahead) {
-    f8 later[D];
-    for (int k = 0; k < D; ++k) later[k] = y[0][k] + lookahead[k];
-    prefetch_cell_rows8<D>(data, f.grad ? f.grad + b * f.batch_stride : nullptr, f.channel_stride,
-                           locate_cell8<D>(later, f.size, stride));
-  }
   f8 corners0[D][kCorners];
   load_corners8<D>(data, f.channel_stride, f.size[D - 1], c[0], corners0);
   f8 v[E][D];
@@ -69,14 +58,13 @@ inline void field_forward8(const FieldRef<float, D>& f, const int32_t* stride, i
 }
 
 // y ← φ(y) through the chain. stash (if given) keeps each field's input positions and jacobian
-// (if given) its spatial derivatives there, jacobian[j][e][ch][k] = ∂field_j,ch/∂x_k; lookahead
-// as field_forward8 says.
+// (if given) its spatial derivatives there, jacobian[j][e][ch][k] = ∂field_j,ch/∂x_k.
 template <int D, int E>
 inline void chain_forward8(const ChainRef<float, D>& chain, const Strides32<D>& s32, int64_t b, f8 (&y)[E][D],
-                           f8 (*stash)[E][D], f8 (*jacobian)[E][D][D], const f8* lookahead) {
+                           f8 (*stash)[E][D], f8 (*jacobian)[E][D][D]) {
   for (int j = chain.count - 1; j >= 0; --j)
     field_forward8<D, E>(chain.field[j], s32.stride[j], b, y, stash ? stash[j] : nullptr,
-                         jacobian ? jacobian[j] : nullptr, lookahead);
+                         jacobian ? jacobian[j] : nullptr);
 }
 
 // Lanes whose every gradient write through `chain` stays inside `ranges` (bit l = lane l).

@@ -109,20 +109,6 @@ unsigned load_points8(const PenaltyPoints<float, D>& pts, const VisitingOrder<fl
   return active;
 }
 
-// How far the points of the group `kLookahead` groups later in the order (the last group when
-// there are fewer) lie from x, the points of the group at i0: chain_forward8's lookahead.
-constexpr int64_t kLookahead = 2;
-
-template <int D>
-void lookahead8(const PenaltyPoints<float, D>& pts, const VisitingOrder<float, D>& order, int64_t i0,
-                const f8 (&x)[D], f8 (&lookahead)[D]) {
-  const int64_t last = (pts.num_points - 1) / kLanes * kLanes;
-  f8 later[D];
-  int64_t p[kLanes];
-  load_points8(pts, order, std::min(i0 + kLookahead * kLanes, last), later, p);
-  for (int k = 0; k < D; ++k) lookahead[k] = later[k] - x[k];
-}
-
 template <int D>
 void shifted_points8(const f8 (&x)[D], float delta, f8 (&start)[D + 1][D]) {
   for (int e = 0; e <= D; ++e)
@@ -147,15 +133,13 @@ double forward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<floa
     f8 x[D];
     int64_t p[kLanes];
     const unsigned active = load_points8(pts, order, group * kLanes, x, p);
-    f8 lookahead[D];
-    lookahead8(pts, order, group * kLanes, x, lookahead);
     double s = 0.0;
     for (int64_t b = 0; b < batch; ++b) {
       f8 start[E][D], end[E][D];
       shifted_points8(x, delta, start);
       for (int e = 0; e < E; ++e)
         for (int k = 0; k < D; ++k) end[e][k] = start[e][k];
-      chain_forward8<D, E>(chain, s32, b, end, nullptr, nullptr, lookahead);
+      chain_forward8<D, E>(chain, s32, b, end, nullptr, nullptr);
       f8 g[D][D];
       fd_gradient_error8(start, end, delta, g);
       for (int l = 0; l < kLanes; ++l) {
@@ -194,15 +178,13 @@ double backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<flo
         f8 x[D];
         int64_t p[kLanes];
         const unsigned active = load_points8(pts, order, (item % groups) * kLanes, x, p);
-        f8 lookahead[D];
-        lookahead8(pts, order, (item % groups) * kLanes, x, lookahead);
         f8 start[E][D], end[E][D];
         f8 stash[kMaxComposed][E][D];
         f8 jacobian[kMaxComposed][E][D][D];
         shifted_points8(x, delta, start);
         for (int e = 0; e < E; ++e)
           for (int k = 0; k < D; ++k) end[e][k] = start[e][k];
-        chain_forward8<D, E>(chain, s32, b, end, stash, jacobian, lookahead);
+        chain_forward8<D, E>(chain, s32, b, end, stash, jacobian);
         const unsigned owned = owned_lanes8<D, E>(chain, target, b, stash, own) & active;
         for (unsigned rest = active & ~owned; rest; rest &= rest - 1) deferred.push_back(b * n + p[__builtin_ctz(rest)]);
         f8 g[D][D], a[E][D];

@@ -227,21 +227,6 @@ inline void gradient_corners8(const f8 (&v)[8], const Cell8<3>& c, f8* grad) {
   grad[2] = lerp8(lerp8(v[1] - v[0], v[3] - v[2], fy), lerp8(v[5] - v[4], v[7] - v[6], fy), fz) * c.ax[2].dpdx;
 }
 
-// Prefetches, into L1, the lines that lanes 0 and 7 of cell c start their corner rows in (the
-// lower corners along the last axis; a group's lanes lie side by side, so the two cover its
-// rows), in every channel of `data` and, if given, of `grad`.
-template <int D>
-inline void prefetch_cell_rows8(const float* data, const float* grad, int64_t channel_stride, const Cell8<D>& c) {
-  for (int l : {0, kLanes - 1})
-    for (int q = 0; q < (1 << D); q += 2) {
-      const int32_t offset = corner_offset8(c, q)[l];
-      for (int ch = 0; ch < D; ++ch) {
-        _mm_prefetch(reinterpret_cast<const char*>(data + ch * channel_stride + offset), _MM_HINT_T0);
-        if (grad) _mm_prefetch(reinterpret_cast<const char*>(grad + ch * channel_stride + offset), _MM_HINT_T0);
-      }
-    }
-}
-
 // corner_weights() of sampling.h: weight and offset of each of the 2^D corners.
 template <int D>
 inline void corner_weights8(const Cell8<D>& c, f8* weight, i8* offset) {
