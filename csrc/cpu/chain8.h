@@ -96,12 +96,9 @@ inline void scatter8(float* grad, int64_t channel_stride, const Cell8<D> (&c)[E]
                      unsigned active) {
   constexpr int kCorners = 1 << D;
   f8 w[E][kCorners];
-  alignas(32) int32_t off[E][kCorners][kLanes];
-  for (int e = 0; e < E; ++e) {
-    i8 ov[kCorners];
-    corner_weights8<D>(c[e], w[e], ov);
-    for (int corner = 0; corner < kCorners; ++corner) *reinterpret_cast<i8*>(off[e][corner]) = ov[corner];
-  }
+  for (int e = 0; e < E; ++e) corner_weights8<D>(c[e], w[e]);
+  alignas(32) int32_t off[kCorners][kLanes];
+  for (int corner = 0; corner < kCorners; ++corner) *reinterpret_cast<i8*>(off[corner]) = corner_offset8(c[0], corner);
   i8 same[E];
   unsigned moved[E];
   for (int e = 1; e < E; ++e) {
@@ -119,20 +116,21 @@ inline void scatter8(float* grad, int64_t channel_stride, const Cell8<D> (&c)[E]
     const int l = __builtin_ctz(rest);
     for (int ch = 0; ch < D; ++ch) {
       float* g = grad + ch * channel_stride;
-      for (int corner = 0; corner < kCorners; ++corner) g[off[0][corner][l]] += sum[ch][corner][l];
+      for (int corner = 0; corner < kCorners; ++corner) g[off[corner][l]] += sum[ch][corner][l];
     }
   }
   for (int e = 1; e < E; ++e) {
     if (!moved[e]) continue;
     alignas(32) float term[D][kCorners][kLanes];
-    for (int ch = 0; ch < D; ++ch)
-      for (int corner = 0; corner < kCorners; ++corner)
-        *reinterpret_cast<f8*>(term[ch][corner]) = a[e][ch] * w[e][corner];
+    for (int corner = 0; corner < kCorners; ++corner) {
+      *reinterpret_cast<i8*>(off[corner]) = corner_offset8(c[e], corner);
+      for (int ch = 0; ch < D; ++ch) *reinterpret_cast<f8*>(term[ch][corner]) = a[e][ch] * w[e][corner];
+    }
     for (unsigned rest = moved[e]; rest; rest &= rest - 1) {
       const int l = __builtin_ctz(rest);
       for (int ch = 0; ch < D; ++ch) {
         float* g = grad + ch * channel_stride;
-        for (int corner = 0; corner < kCorners; ++corner) g[off[e][corner][l]] += term[ch][corner][l];
+        for (int corner = 0; corner < kCorners; ++corner) g[off[corner][l]] += term[ch][corner][l];
       }
     }
   }

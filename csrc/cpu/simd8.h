@@ -227,14 +227,13 @@ inline void gradient_corners8(const f8 (&v)[8], const Cell8<3>& c, f8* grad) {
   grad[2] = lerp8(lerp8(v[1] - v[0], v[3] - v[2], fy), lerp8(v[5] - v[4], v[7] - v[6], fy), fz) * c.ax[2].dpdx;
 }
 
-// corner_weights() of sampling.h: weight and offset of each of the 2^D corners.
+// corner_weights() of sampling.h: the weight of each of the 2^D corners.
 template <int D>
-inline void corner_weights8(const Cell8<D>& c, f8* weight, i8* offset) {
+inline void corner_weights8(const Cell8<D>& c, f8* weight) {
   for (int corner = 0; corner < (1 << D); ++corner) {
     f8 w = splat(1.f);
     for (int k = 0; k < D; ++k) w *= (corner >> (D - 1 - k)) & 1 ? c.ax[k].frac : splat(1.f) - c.ax[k].frac;
     weight[corner] = w;
-    offset[corner] = corner_offset8(c, corner);
   }
 }
 
