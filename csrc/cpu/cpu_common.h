@@ -225,7 +225,31 @@ inline void advise_huge_pages(void* data, size_t bytes) {
 }
 
 // A zeroed contiguous tensor like `t`, on huge pages where it is large.
+//
+// Large buffers (4 MiB and up) are fresh anonymous mappings of their own, which Linux hands out
+// zeroed: all threads fault their pages in with one write a page, and nothing zeroes them a
+// second time (a fill of an allocator's fresh pages pays for the page faults and then writes
+// every byte again: at lung scale 0.334 -> 0.320 s a step). They are unmapped when the tensor is
+// freed, as the allocator does with blocks this large; the peak memory is the same.
 inline at::Tensor zeroed_buffer(const at::Tensor& t) {
+#ifdef __linux__
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
+  if (bytes >= (size_t(4) << 20)) {
+    const size_t mapped = bytes + kHuge;  // room to start on a huge-page boundary
+    void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base != MAP_FAILED) {
+      char* data = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~uintptr_t(kHuge - 1));
+      advise_huge_pages(data, bytes);
+      constexpr int64_t kPage = 4096;
+      at::parallel_for(0, static_cast<int64_t>((bytes + kPage - 1) / kPage), 512, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) data[i * kPage] = 0;
+      });
+      return at::from_blob(
+          data, t.sizes(), [base, mapped](void*) { munmap(base, mapped); }, t.options());
+    }
+  }
+#endif
   at::Tensor out = at::empty_like(t, at::MemoryFormat::Contiguous);
   advise_huge_pages(out.data_ptr(), out.nbytes());
   return out.zero_();
