@@ -32,7 +32,9 @@ def make_model():
 
 
 def make_config(**kw):
-    base = dict(steps=4, batch_size=2, lr=1e-3, seed=7, progress=False, tensorboard=False, checkpoint_every=2)
+    # On the CPU (gloo) whatever the machine has: two ranks would need two GPUs.
+    base = dict(steps=4, batch_size=2, lr=1e-3, seed=7, progress=False, tensorboard=False, checkpoint_every=2,
+                device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -94,3 +96,12 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
     print(f"DDP vs single process: max parameter difference {worst:.3g} (parameters moved up to {moved:.3g})")
     for a, b in zip(rows, ranks[0]["rows"]):
         assert a["total"] == pytest.approx(b["total"], rel=1e-5)
+
+
+def test_more_local_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    from gradicon_fast.train.distributed import init_distributed
+
+    monkeypatch.setenv("LOCAL_RANK", "100")  # device indices are 8-bit in torch
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(RuntimeError, match=r"cuda:100 does not exist.*LOCAL_RANK=100.*CUDA device"):
+        init_distributed("cuda")

@@ -40,7 +40,8 @@ def test_training_improves_dice_on_held_out_pairs(tmp_path):
 
         start = time.perf_counter()
         config = TrainConfig(steps=150, batch_size=4, lr=2e-3, augment=False, seed=0, progress=False,
-                             tensorboard=False, checkpoint_every=10 ** 6, save_final_model=False)
+                             tensorboard=False, checkpoint_every=10 ** 6, save_final_model=False,
+                             device="cpu")
         rows = Trainer(model, train, tmp_path, config).fit()
         seconds = time.perf_counter() - start
         _, after, folds = evaluate(model, held_out)

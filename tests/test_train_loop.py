@@ -1,5 +1,5 @@
-"""Training loop: exact resume (in-process and after SIGKILL), non-finite stop, logs, sampler,
-augmentation, two-stage protocol, instance optimisation."""
+"""Training loop: exact resume (in-process and after SIGKILL; bit for bit on the CPU), non-finite stop,
+logs, sampler, augmentation, two-stage protocol, instance optimisation."""
 
 import csv
 import os
@@ -51,6 +51,19 @@ def losses(rows):
     return [(r["step"], r["total"], r["similarity"], r["regularization"]) for r in rows]
 
 
+def assert_repeats(rows, reference, device):
+    """The same losses as ``reference``: bit for bit on the CPU; on a GPU, where the kernels' atomic
+    adds (and cuDNN) sum in a varying order so that even two uninterrupted runs differ in the last
+    bits, to 1e-3 relative (or 5e-5 absolute: the small regularisation term differed by 2.7e-6, 0.23 %,
+    after one resumed step on an H200)."""
+    if device.type == "cpu":
+        assert losses(rows) == losses(reference)
+    else:
+        assert [r[0] for r in losses(rows)] == [r[0] for r in losses(reference)]
+        for got, want in zip(losses(rows), losses(reference)):
+            assert got[1:] == pytest.approx(want[1:], rel=1e-3, abs=5e-5)
+
+
 def read_csv(path):
     with open(path, newline="") as f:
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
@@ -68,9 +81,9 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     resumed = Trainer(tiny_model(seed=99), dataset(), tmp_path / "cut", tiny_config())
     assert resumed.step == 3
     rows = resumed.fit()
-    assert losses(rows) == losses(reference[3:])
+    assert_repeats(rows, reference[3:], resumed.device)
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b)
+        assert torch.equal(a, b) if resumed.device.type == "cpu" else torch.allclose(a, b, rtol=1e-3, atol=1e-5)
     logged = read_csv(tmp_path / "cut" / "log.csv")
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "cut" / "model.pt").exists()
@@ -113,7 +126,7 @@ def test_resume_after_sigkill(tmp_path):
     assert trainer.step == resumed_from
     rows = trainer.fit()
     reference = Trainer(tiny_model(), dataset(), tmp_path / "ref", tiny_config(steps=target)).fit()
-    assert losses(rows) == losses(reference[resumed_from:])
+    assert_repeats(rows, reference[resumed_from:], trainer.device)
     # rows a killed run logged past its checkpoint were dropped on resume
     assert [int(r["step"]) for r in read_csv(out / "log.csv")] == list(range(1, target + 1))
 
@@ -169,7 +182,8 @@ def test_logs_and_checkpoint_contents(tmp_path):
     assert blob["config"]["steps"] == 4 and "optimizer" in blob
     assert not list((tmp_path / "checkpoints").glob(".*tmp*"))
     loaded = gnn.load_model(latest_checkpoint(tmp_path / "checkpoints"))
-    assert torch.equal(next(iter(loaded.state_dict().values())), next(iter(trainer.model.state_dict().values())))
+    assert torch.equal(next(iter(loaded.state_dict().values())),  # load_model maps to the CPU
+                       next(iter(trainer.model.state_dict().values())).cpu())
 
 
 def test_sampler_shards_like_one_process_and_resumes():

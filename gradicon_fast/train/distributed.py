@@ -46,6 +46,11 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
         if device.type == "cuda" and device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise RuntimeError(f"device {device} does not exist: this process (LOCAL_RANK={local_rank}) sees "
+                               f"{count} CUDA device(s); start at most {count} processes per node, or train on "
+                               f"the CPU (device='cpu')")
         torch.cuda.set_device(device)
     env = DistEnv(rank, world_size, local_rank, device)
     if world_size > 1:
