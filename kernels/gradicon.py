@@ -96,7 +96,7 @@ def _gradicon(
         end, stash = chain_forward(start, fields, grads, sizes, b, NF, 0, BATCHED, D, CT, BIG, mask[:, None, None])
         g = _fd_gradient_error(start, end, delta, D, CT)
         # ∂L/∂φ(x_e) for L = (grad / (B·d·N)) · Σ g²: +v_kc at x_k, -Σ_k v_kc at x.
-        scale = div_rn(tl.load(GRAD_LOSS).to(CT), COUNT.to(CT), CT)
+        scale = div_rn(tl.load(GRAD_LOSS).to(CT), tl.cast(COUNT, CT), CT)
         s = div_rn(2 * scale, delta, CT)
         col = tl.arange(0, 4)[None, :]
         adj = ()

@@ -182,7 +182,7 @@ def _gradicon_analytic(
             y = y + (x[k][:, None],)
         M, stash = jacobian_forward(y, fields, grads, sizes, b, NF, BATCHED, D, CT, BIG, mask[:, None, None])
         # Ā = ∂L/∂M = 2 grad M / (B·d·N)
-        scale = div_rn(2 * tl.load(GRAD_LOSS).to(CT), COUNT.to(CT), CT)
+        scale = div_rn(2 * tl.load(GRAD_LOSS).to(CT), tl.cast(COUNT, CT), CT)
         A = ()
         for i in tl.static_range(D):
             row = ()

@@ -67,7 +67,7 @@ def _icon(
         mask3 = mask[:, None, None]
         x = penalty_point(offs, grid, grid, 1, NOISE, n, seed, noise_scale, HAS_NOISE, D, CT, mask)
         x = _column_points(x, D)
-        scale = div_rn(2 * tl.load(GRAD_LOSS).to(CT), COUNT.to(CT), CT)
+        scale = div_rn(2 * tl.load(GRAD_LOSS).to(CT), tl.cast(COUNT, CT), CT)
         if STOP_AB >= 0:
             y, stash = chain_forward(x, fields, grads, sizes, b, NF, 0, BATCHED, D, CT, BIG, mask3)
             a = ()

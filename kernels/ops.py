@@ -1,9 +1,10 @@
 """The Triton backend's operators ``torch.ops.gradicon_fast_triton.*`` and their typed wrappers.
 
 The wrappers at the bottom have the signatures of ``gradicon_fast.ops``' (``functional.py``
-calls them for ``backend="triton"``). Each operator is a ``torch.library.triton_op`` whose body
-launches the kernels through ``torch.library.wrap_triton``, so that ``torch.compile`` can trace
-it; ``register_autograd`` makes it differentiable through a backward operator that recomputes
+calls them for ``backend="triton"``). Each forward operator is a ``torch.library.triton_op`` whose
+body launches the kernels through ``torch.library.wrap_triton``, so that ``torch.compile`` can trace
+it; the backward operators stay opaque ``custom_op``s (see ``_define``); ``register_autograd`` makes
+it differentiable through a backward operator that recomputes
 everything from the inputs (and the noise seed): nothing but the inputs is saved. On a torch
 without ``triton_op`` the operators are ``custom_op``s with shape-only fake kernels.
 
@@ -21,7 +22,7 @@ import torch
 import triton
 
 from . import chain as _chain
-from .chain import MAX_FIELDS, accumulation_dtype, grad_mask, slot_args, stop_index
+from .chain import MAX_FIELDS, accumulation_dtype, grad_mask, scratch_like, slot_args, stop_index
 from .gradicon import gradicon_backward, gradicon_forward
 from .gradicon_analytic import gradicon_analytic_backward, gradicon_analytic_forward
 from .icon import icon_backward, icon_forward
@@ -144,7 +145,7 @@ def _transform_points(chain: list[Tensor], points: Tensor) -> Tensor:
     slots, batched = slot_args(fields, [None] * len(fields), batch)
     _launch(
         transform_points_forward, lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch),
-        x, out, x, x, n, *slots, NF=len(fields), BATCHED=batched, GMASK=0, STOP=-1,
+        x, out, x, x.new_empty((1,)), n, *slots, NF=len(fields), BATCHED=batched, GMASK=0, STOP=-1,
         X_BATCHED=x.shape[0] != 1, BACKWARD=False, POINT_GRAD=False, **_common(d, x.dtype, _chain.is_big(x, out, *fields)))
     return out
 
@@ -167,7 +168,7 @@ def _transform_points_backward(grad: Tensor, chain: list[Tensor], points: Tensor
         block = backward_block(d)
         _launch(
             transform_points_backward, (triton.cdiv(n, block), batch),
-            x, x, grad, grad_x if grad_x is not None else x, n, *slots, NF=len(fields), BATCHED=batched,
+            x, x.new_empty((1,)), grad, grad_x if grad_x is not None else x.new_empty((1,)), n, *slots, NF=len(fields), BATCHED=batched,
             GMASK=grad_mask(chain_needs_grad), STOP=stop, X_BATCHED=x.shape[0] != 1, BACKWARD=True,
             POINT_GRAD=points_needs_grad, **_common(d, x.dtype, _chain.is_big(x, grad, *fields)),
             BLOCK=block, num_warps=NUM_WARPS)
@@ -199,7 +200,7 @@ def _warp(image: Tensor, chain: list[Tensor], shape: list[int]) -> Tensor:
     slots, batched = slot_args(fields, [None] * len(fields), batch)
     _launch(
         warp_forward, lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch),
-        img, out, img, img, img.shape[1], n, *_padded(img.shape[2:]), *_padded(shape), *slots, NF=len(fields),
+        img, out, img, scratch_like(img), img.shape[1], n, *_padded(img.shape[2:]), *_padded(shape), *slots, NF=len(fields),
         BATCHED=batched, GMASK=0, STOP=-1, IMG_BATCHED=img.shape[0] != 1, BACKWARD=False, IMAGE_GRAD=False,
         **_common(d, img.dtype, _chain.is_big(img, out, *fields)))
     return out
@@ -221,7 +222,7 @@ def _warp_backward(grad: Tensor, image: Tensor, chain: list[Tensor], shape: list
         block = backward_block(d)
         _launch(
             warp_backward, (triton.cdiv(n, block), batch),
-            img, img, grad, grad_img if grad_img is not None else img, img.shape[1], n, *_padded(img.shape[2:]),
+            img, img.new_empty((1,)), grad, grad_img if grad_img is not None else scratch_like(img), img.shape[1], n, *_padded(img.shape[2:]),
             *_padded(shape), *slots, NF=len(fields), BATCHED=batched, GMASK=grad_mask(chain_needs_grad), STOP=stop,
             IMG_BATCHED=img.shape[0] != 1, BACKWARD=True, IMAGE_GRAD=image_needs_grad,
             **_common(d, img.dtype, _chain.is_big(img, grad, *fields)), BLOCK=block, num_warps=NUM_WARPS)
@@ -277,7 +278,7 @@ def _gradicon_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain_ba: list
     if stop >= 0:
         block = backward_block(d, 4)
         _gradicon_launch(gradicon_backward, lambda n: (triton.cdiv(n, block), batch), fields, buffers, batch, d,
-                         shape, stride, noise, seed, delta, noise_scale, fields[0], grad.contiguous(),
+                         shape, stride, noise, seed, delta, noise_scale, scratch_like(fields[0]), grad.contiguous(),
                          grad_mask(needs), stop, True, {"BLOCK": block, "num_warps": NUM_WARPS})
     grads = _returned(buffers, fields)
     return grads[:len(chain_ab)], grads[len(chain_ab):]
@@ -319,7 +320,8 @@ def _gradicon_analytic_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain
     if stop >= 0:
         block = max(8, backward_block(d) // 2)  # the reverse pass also keeps J - I per field
         _analytic_launch(gradicon_analytic_backward, lambda n: (triton.cdiv(n, block), batch), fields, buffers, batch,
-                         d, shape, stride, noise, seed, noise_scale, fields[0], grad.contiguous(), grad_mask(needs),
+                         d, shape, stride, noise, seed, noise_scale, scratch_like(fields[0]), grad.contiguous(),
+                         grad_mask(needs),
                          stop, True, {"BLOCK": block, "num_warps": NUM_WARPS})
     grads = _returned(buffers, fields)
     return grads[:len(chain_ab)], grads[len(chain_ab):]
@@ -361,7 +363,8 @@ def _icon_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain_ba: list[Ten
     if stop_ab >= 0:
         block = backward_block(d)
         _icon_launch(icon_backward, lambda n: (triton.cdiv(n, block), batch), fields, buffers, len(chain_ab), batch,
-                     d, shape, noise, seed, noise_scale, fields[0], grad.contiguous(), grad_mask(ab + ba), stop_ab,
+                     d, shape, noise, seed, noise_scale, scratch_like(fields[0]), grad.contiguous(), grad_mask(ab + ba),
+                     stop_ab,
                      stop_ba, True, {"BLOCK": block, "num_warps": NUM_WARPS})
     grads = _returned(buffers, fields)
     return grads[:len(chain_ab)], grads[len(chain_ab):]
@@ -444,12 +447,18 @@ def _op_exists(name: str) -> bool:
     return True
 
 
-def _define(name: str, fn, fake) -> None:
-    """Define ``gradicon_fast_triton::name`` with body ``fn`` (once per process)."""
+def _define(name: str, fn, fake, traceable: bool = True) -> None:
+    """Define ``gradicon_fast_triton::name`` with body ``fn`` (once per process).
+
+    ``traceable=False`` keeps the operator opaque to torch.compile (a ``custom_op``): the backward
+    kernels scatter to addresses computed from values they load, and torch's analysis of which
+    tensors a traced kernel writes then counts every input as written (the fields, the noise),
+    which breaks the compiled graph's autograd (a leaf "modified in place").
+    """
     if _op_exists(name):
         return
     qualname = f"{NAMESPACE}::{name}"
-    if hasattr(torch.library, "triton_op"):
+    if traceable and hasattr(torch.library, "triton_op"):
         torch.library.triton_op(qualname, fn, mutates_args=())
     else:
         op = torch.library.custom_op(qualname, fn, mutates_args=())
@@ -564,15 +573,16 @@ def _register() -> None:
     if _op_exists("transform_points"):
         return  # registered by an earlier import of this module under another name
     _define("transform_points", _transform_points, _fake_transform_points)
-    _define("transform_points_backward", _transform_points_backward, _fake_transform_points_backward)
+    _define("transform_points_backward", _transform_points_backward, _fake_transform_points_backward, traceable=False)
     _define("warp", _warp, _fake_warp)
-    _define("warp_backward", _warp_backward, _fake_warp_backward)
+    _define("warp_backward", _warp_backward, _fake_warp_backward, traceable=False)
     _define("gradicon_loss", _gradicon_loss, _fake_gradicon)
-    _define("gradicon_loss_backward", _gradicon_loss_backward, _fake_gradicon_backward)
+    _define("gradicon_loss_backward", _gradicon_loss_backward, _fake_gradicon_backward, traceable=False)
     _define("gradicon_analytic_loss", _gradicon_analytic_loss, _fake_gradicon_analytic)
-    _define("gradicon_analytic_loss_backward", _gradicon_analytic_loss_backward, _fake_gradicon_analytic_backward)
+    _define("gradicon_analytic_loss_backward", _gradicon_analytic_loss_backward, _fake_gradicon_analytic_backward,
+            traceable=False)
     _define("icon_loss", _icon_loss, _fake_icon)
-    _define("icon_loss_backward", _icon_loss_backward, _fake_icon_backward)
+    _define("icon_loss_backward", _icon_loss_backward, _fake_icon_backward, traceable=False)
     _define("normal_noise", _normal_noise, _fake_normal_noise)
     _register_autograd()
 

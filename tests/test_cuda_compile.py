@@ -117,7 +117,7 @@ def compiled(request):
     A success is remembered in pytest's cache under the hash of everything the compilation reads,
     so that a rerun with nothing changed costs nothing (a fresh clone, as in CI, compiles).
     """
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
     results, todo = {}, []
     for src in SOURCES:
         key = "gradicon_fast/nvcc/" + _fingerprint(src)
