@@ -38,6 +38,7 @@ NAMESPACE = "gradicon_fast_triton"
 MAX_CHAIN = MAX_FIELDS // 2
 
 _wrap = getattr(torch.library, "wrap_triton", None) or (lambda kernel: kernel)
+TRACED: set[str] = set()  # the operators torch.compile traces into (see _define)
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
@@ -455,6 +456,8 @@ def _define(name: str, fn, fake, traceable: bool = True) -> None:
     tensors a traced kernel writes then counts every input as written (the fields, the noise),
     which breaks the compiled graph's autograd (a leaf "modified in place").
     """
+    if traceable:
+        TRACED.add(name)
     if _op_exists(name):
         return
     qualname = f"{NAMESPACE}::{name}"
