@@ -89,3 +89,37 @@ def relative_error(got, expected):
 def leaves(tensors):
     """Detached copies of ``tensors`` that require grad."""
     return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+# ---- finite-difference GradICON in float32 --------------------------------------------------------
+
+FD_TOL = {torch.float64: 1e-10, torch.float32: 1e-3}  # δ = 1e-3 amplifies float32 rounding
+
+
+def exact(fn, inputs):
+    """(value, gradients) of fn("torch", *inputs) on the reference in float64, the inputs upcast exactly."""
+    xs = leaves([x.detach().double() for x in inputs])
+    y = fn("torch", *xs)
+    return y.detach(), torch.autograd.grad(y, xs)
+
+
+def check_fd(got, expected, fn, inputs, what, slack=0.0):
+    """Finite-difference GradICON (value, gradients) of a fused backend against the reference's.
+
+    float64: FD_TOL (+ slack). float32: FD_TOL (+ slack), or else no farther from the exact
+    (float64) penalty than the float32 reference is (3x, plus 1e-4). The gradients carry g - I, and
+    where g ≈ I (points clamped outside the fields, where g - I is only rounding divided by δ) both
+    float32 implementations are equally far from the truth and from each other; a wrong kernel is
+    orders of magnitude farther.
+    """
+    dtype = got[0].dtype
+    for k, part in enumerate(("value", "grads")):
+        err = relative_error(got[k], expected[k])
+        if err <= FD_TOL[dtype] + slack:
+            continue
+        assert dtype == torch.float32, f"{what} {part}: relative error {err:.3g} > {FD_TOL[dtype] + slack:g}"
+        truth = exact(fn, inputs)[k]
+        mine, theirs = relative_error(got[k], truth), relative_error(expected[k], truth)
+        assert mine <= 3 * theirs + 1e-4 + slack, (
+            f"{what} {part}: relative error {err:.3g} against the float32 reference, "
+            f"{mine:.3g} against the float64 penalty (the reference's: {theirs:.3g})")

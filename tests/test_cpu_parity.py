@@ -19,6 +19,7 @@ import gradicon_fast as gf
 from gradicon_fast import reference as R
 
 from conftest import (
+    check_fd,
     leaves,
     rand_uniform,
     random_field,
@@ -369,13 +370,15 @@ def test_large_gradient_buffers(rng, dtype):
         ab = [smooth_field(rng, 1, shape, 0.05, dtype), random_field(rng, 1, (5, 6, 4), 0.05, dtype)]
         ba = [random_field(rng, 1, (6, 5, 7), 0.05, dtype), smooth_field(rng, 1, shape, 0.05, dtype)]
         noise = torch.randn(1, 3, *R.loss_points_shape(shape, 2), generator=rng, dtype=torch.float64).to(dtype)
-        (l_cpu, g_cpu), (l_ref, g_ref) = run_both(
-            lambda backend, *xs: gf.gradicon_loss(list(xs[:2]), list(xs[2:]), shape=shape, stride=2, noise=noise,
-                                                  backend=backend),
-            ab + ba)
+        def penalty(backend, *xs):
+            return gf.gradicon_loss(list(xs[:2]), list(xs[2:]), shape=shape, stride=2, noise=noise.to(xs[0].dtype),
+                                    backend=backend)
+
+        (l_cpu, g_cpu), (l_ref, g_ref) = run_both(penalty, ab + ba)
         assert ab[0].numel() * ab[0].element_size() >= 4 << 20
-        assert relative_error(l_cpu, l_ref) <= FD_TOL[dtype]
-        assert relative_error(list(g_cpu), list(g_ref)) <= FD_TOL[dtype]
+        # float32 gradients at 600,000 points: 1e-3 from the float32 reference, or else as close to
+        # the float64 penalty as it is (of 60 draws one came within 10 % of 1e-3, and one run failed)
+        check_fd((l_cpu, list(g_cpu)), (l_ref, list(g_ref)), penalty, ab + ba, "large gradients")
         image = rand_uniform(rng, (1, 3, *shape), dtype=dtype)  # its gradient: mapped too
         (_, gw_cpu), (_, gw_ref) = run_both(lambda backend, img, f: gf.warp(img, [f], backend=backend),
                                             [image, ab[0]])

@@ -25,7 +25,8 @@ from gradicon_fast import backend_registry
 from gradicon_fast import ops as fused
 from gradicon_fast import reference as R
 
-from conftest import leaves, rand_uniform, random_field, random_points, random_shape, relative_error, smooth_field
+from conftest import (FD_TOL, check_fd, leaves, rand_uniform, random_field, random_points, random_shape,
+                      relative_error, smooth_field)
 
 _REASON = None if torch.cuda.is_available() else "no CUDA device"
 if _REASON is None:
@@ -34,7 +35,6 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"CUDA kernels not t
 
 DEV = "cuda"
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-FD_TOL = {torch.float64: 1e-10, torch.float32: 1e-3}
 DTYPES = [torch.float64, torch.float32]
 HALF_TOL = {torch.float16: 2e-3, torch.float32: 1e-5, torch.bfloat16: 8e-3}
 
@@ -98,35 +98,6 @@ def run_both(fn, inputs, upstream=None):
 def check(got, expected, tol, what):
     err = relative_error(got, expected)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
-
-
-def exact(fn, inputs):
-    """(value, gradients) of fn on the reference in float64, the inputs upcast exactly."""
-    xs = leaves([x.detach().double() for x in inputs])
-    y = fn("torch", *xs)
-    return y.detach(), torch.autograd.grad(y, xs)
-
-
-def check_fd(got, expected, fn, inputs, what, slack=0.0):
-    """Finite-difference GradICON (value, gradients) on "cuda" against the reference's.
-
-    float64: FD_TOL (+ slack). float32: FD_TOL (+ slack), or else no farther from the exact
-    (float64) penalty than the float32 reference is (3x, plus 1e-4). The gradients carry g - I, and
-    where g ≈ I (points clamped outside the fields, where g - I is only rounding divided by δ) both
-    float32 implementations are equally far from the truth and from each other; a wrong kernel is
-    orders of magnitude farther.
-    """
-    dtype = got[0].dtype
-    for k, part in enumerate(("value", "grads")):
-        err = relative_error(got[k], expected[k])
-        if err <= FD_TOL[dtype] + slack:
-            continue
-        assert dtype == torch.float32, f"{what} {part}: relative error {err:.3g} > {FD_TOL[dtype] + slack:g}"
-        truth = exact(fn, inputs)[k]
-        mine, theirs = relative_error(got[k], truth), relative_error(expected[k], truth)
-        assert mine <= 3 * theirs + 1e-4 + slack, (
-            f"{what} {part}: relative error {err:.3g} against the float32 reference, "
-            f"{mine:.3g} against the float64 penalty (the reference's: {theirs:.3g})")
 
 
 # ---- noise ---------------------------------------------------------------------------------------
