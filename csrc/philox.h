@@ -4,13 +4,17 @@
 // `seed` is Philox4x32-10 with key (seed_lo, seed_hi) and counter (offset_lo, offset_hi, 0, 0),
 // mapped to uniforms and then normals exactly as Triton's tl.randn4x does, so that the Triton
 // kernels can call tl.randn4x and every backend draws the same numbers (to float rounding of
-// log/sin/cos). Channel k of the point takes normal number k.
+// log/sin/cos: the GPUs use their logf/sinf/cosf, the CPU the polynomials of box_muller.h).
+// Channel k of the point takes normal number k.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
 #include "sampling.h"
+#if !defined(__CUDACC__)
+#include "box_muller.h"
+#endif
 
 namespace gradicon_fast {
 
@@ -56,11 +60,15 @@ GF_HD void normal4(uint64_t seed, uint64_t offset, float out[4]) {
   for (int pair = 0; pair < 2; ++pair) {
     float u1 = uniform_from_bits(bits[2 * pair]);
     const float u2 = uniform_from_bits(bits[2 * pair + 1]);
+#if defined(__CUDACC__)
     u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
     const float theta = 6.283185307179586f * u2;
     const float r = sqrtf(-2.0f * logf(u1));
     out[2 * pair] = r * cosf(theta);
     out[2 * pair + 1] = r * sinf(theta);
+#else  // the CPU: the same bits as the eight-lane noise of cpu/noise8.h
+    box_muller::normal_pair<float, int32_t>(u1, u2, out[2 * pair], out[2 * pair + 1]);
+#endif
   }
 }
 
