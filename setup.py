@@ -21,7 +21,8 @@ def _sources(pattern):
 def _simd_flags():
     """-mavx2 -mfma when the building machine has them (the extension is built where it runs), and
     -mtune=native: scheduling for this processor, the same instructions (the lung-scale GradICON step
-    on the 2-core Zen 4 development machine: 4-5 % faster, bit-identical results);
+    on the 2-core Zen 4 development machine: 4-5 % faster in two alternating runs, no different in a
+    third; bit-identical results);
     GRADICON_FAST_SIMD=0 builds the portable scalar kernels only."""
     wanted = os.environ.get("GRADICON_FAST_SIMD", "auto")
     if wanted == "0":
