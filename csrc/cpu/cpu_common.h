@@ -5,7 +5,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #ifdef __linux__
@@ -226,28 +231,88 @@ inline void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
+#ifdef __linux__
+// Freed large gradient mappings, kept for the next call that asks for the same size (a training
+// loop asks for the same buffers every step). Pages a process has just freed and mapped again may
+// be slow to fault in (on the 2-core development VM, memory that other work had freed cost up to
+// 0.3 s more per lung-scale call); a kept mapping is only zeroed again. At most
+// GRADICON_FAST_CPU_POOL_MB (default 1024) megabytes are kept; 0 keeps none.
+class MappingPool {
+ public:
+  static MappingPool& instance() {
+    static MappingPool* pool = new MappingPool();  // never destroyed: tensors may be freed at exit
+    return *pool;
+  }
+
+  // A kept mapping of exactly `mapped` bytes, or nullptr.
+  void* take(size_t mapped) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 0; i < kept_.size(); ++i) {
+      if (kept_[i].second == mapped) {
+        void* base = kept_[i].first;
+        kept_.erase(kept_.begin() + static_cast<std::ptrdiff_t>(i));
+        held_ -= mapped;
+        return base;
+      }
+    }
+    return nullptr;
+  }
+
+  void give(void* base, size_t mapped) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (held_ + mapped <= limit_) {
+        kept_.emplace_back(base, mapped);
+        held_ += mapped;
+        return;
+      }
+    }
+    munmap(base, mapped);
+  }
+
+ private:
+  MappingPool() {
+    const char* env = std::getenv("GRADICON_FAST_CPU_POOL_MB");
+    limit_ = (env && *env ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : size_t(1024)) << 20;
+  }
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> kept_;
+  size_t held_ = 0, limit_ = 0;
+};
+#endif
+
 // A zeroed contiguous tensor like `t`, on huge pages where it is large.
 //
-// Large buffers (4 MiB and up) are fresh anonymous mappings of their own, which Linux hands out
-// zeroed: all threads fault their pages in with one write a page, and nothing zeroes them a
-// second time (a fill of an allocator's fresh pages pays for the page faults and then writes
-// every byte again: at lung scale 0.335 -> 0.325 s a step). They are unmapped when the tensor is
-// freed, as the allocator does with blocks this large; the peak memory is the same.
+// Large buffers (4 MiB and up) are anonymous mappings of their own. A fresh one Linux hands out
+// zeroed: all threads fault its pages in with one write a page, and nothing zeroes it a second
+// time (a fill of an allocator's fresh pages pays for the page faults and then writes every byte
+// again: at lung scale 0.335 -> 0.325 s a step). Freed, it goes to the MappingPool above (or is
+// unmapped); taken from there, all threads zero it.
 inline at::Tensor zeroed_buffer(const at::Tensor& t) {
 #ifdef __linux__
   const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
   if (bytes >= (size_t(4) << 20)) {
     const size_t mapped = bytes + kHugePage;  // room to start on a huge-page boundary
-    void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void* base = MappingPool::instance().take(mapped);
+    const bool fresh = base == nullptr;
+    if (fresh) base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base != MAP_FAILED) {
       char* data = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(base) + kHugePage - 1) & ~uintptr_t(kHugePage - 1));
-      advise_huge_pages(data, bytes);
       constexpr int64_t kPage = 4096;
-      at::parallel_for(0, static_cast<int64_t>((bytes + kPage - 1) / kPage), 512, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) data[i * kPage] = 0;
-      });
+      if (fresh) {
+        advise_huge_pages(data, bytes);
+        at::parallel_for(0, static_cast<int64_t>((bytes + kPage - 1) / kPage), 512, [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i) data[i * kPage] = 0;
+        });
+      } else {
+        constexpr int64_t kChunk = int64_t(1) << 20;
+        at::parallel_for(0, static_cast<int64_t>((bytes + kChunk - 1) / kChunk), 4, [&](int64_t lo, int64_t hi) {
+          const size_t begin = static_cast<size_t>(lo * kChunk);
+          std::memset(data + begin, 0, std::min(bytes, static_cast<size_t>(hi * kChunk)) - begin);
+        });
+      }
       return at::from_blob(
-          data, t.sizes(), [base, mapped](void*) { munmap(base, mapped); }, t.options());
+          data, t.sizes(), [base, mapped](void*) { MappingPool::instance().give(base, mapped); }, t.options());
     }
   }
 #endif
