@@ -129,12 +129,6 @@ def is_big(*tensors: torch.Tensor) -> bool:
     return FORCE_64BIT_OFFSETS or any(t.numel() >= 2**31 for t in tensors)
 
 
-def scratch_like(ref):
-    """One element of ``ref``'s accumulation dtype on its device: the target of output pointers a launch
-    never writes (the kernels take every pointer, used or not)."""
-    return torch.empty((1,), dtype=accumulation_dtype(ref.dtype), device=ref.device)
-
-
 def slot_args(fields, grads, batch: int):
     """The kernel arguments of the slots, and the BATCHED mask.
 
@@ -146,19 +140,15 @@ def slot_args(fields, grads, batch: int):
     args = []
     batched = 0
     filler = fields[0]
-    # A gradient slot that gets no buffer points at scratch memory, never at an input: torch.compile's
-    # analysis of which tensors a kernel writes can count such a slot as written, and an input
-    # "written" by the graph breaks autograd (seen with torch 2.11 on a GPU).
-    scratch = scratch_like(fields[0])
     for j in range(MAX_FIELDS):
         if j < len(fields):
             f = fields[j]
-            g = grads[j] if grads[j] is not None else scratch
+            g = grads[j] if grads[j] is not None else f
             spatial = list(f.shape[2:]) + [1] * (3 - (f.ndim - 2))
             if f.shape[0] != 1 and batch > 1:
                 batched |= 1 << j
         else:
-            f, g, spatial = filler, scratch, [1, 1, 1]
+            f, g, spatial = filler, filler, [1, 1, 1]
         args += [f, g, *spatial]
     return args, batched
 

@@ -22,7 +22,7 @@ import torch
 import triton
 
 from . import chain as _chain
-from .chain import MAX_FIELDS, accumulation_dtype, grad_mask, scratch_like, slot_args, stop_index
+from .chain import MAX_FIELDS, accumulation_dtype, grad_mask, slot_args, stop_index
 from .gradicon import gradicon_backward, gradicon_forward
 from .gradicon_analytic import gradicon_analytic_backward, gradicon_analytic_forward
 from .icon import icon_backward, icon_forward
@@ -146,7 +146,7 @@ def _transform_points(chain: list[Tensor], points: Tensor) -> Tensor:
     slots, batched = slot_args(fields, [None] * len(fields), batch)
     _launch(
         transform_points_forward, lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch),
-        x, out, x, x.new_empty((1,)), n, *slots, NF=len(fields), BATCHED=batched, GMASK=0, STOP=-1,
+        x, out, x, x, n, *slots, NF=len(fields), BATCHED=batched, GMASK=0, STOP=-1,
         X_BATCHED=x.shape[0] != 1, BACKWARD=False, POINT_GRAD=False, **_common(d, x.dtype, _chain.is_big(x, out, *fields)))
     return out
 
@@ -169,7 +169,7 @@ def _transform_points_backward(grad: Tensor, chain: list[Tensor], points: Tensor
         block = backward_block(d)
         _launch(
             transform_points_backward, (triton.cdiv(n, block), batch),
-            x, x.new_empty((1,)), grad, grad_x if grad_x is not None else x.new_empty((1,)), n, *slots, NF=len(fields), BATCHED=batched,
+            x, x, grad, grad_x if grad_x is not None else x, n, *slots, NF=len(fields), BATCHED=batched,
             GMASK=grad_mask(chain_needs_grad), STOP=stop, X_BATCHED=x.shape[0] != 1, BACKWARD=True,
             POINT_GRAD=points_needs_grad, **_common(d, x.dtype, _chain.is_big(x, grad, *fields)),
             BLOCK=block, num_warps=NUM_WARPS)
@@ -201,7 +201,7 @@ def _warp(image: Tensor, chain: list[Tensor], shape: list[int]) -> Tensor:
     slots, batched = slot_args(fields, [None] * len(fields), batch)
     _launch(
         warp_forward, lambda meta: (triton.cdiv(n, meta["BLOCK"]), batch),
-        img, out, img, scratch_like(img), img.shape[1], n, *_padded(img.shape[2:]), *_padded(shape), *slots, NF=len(fields),
+        img, out, img, img, img.shape[1], n, *_padded(img.shape[2:]), *_padded(shape), *slots, NF=len(fields),
         BATCHED=batched, GMASK=0, STOP=-1, IMG_BATCHED=img.shape[0] != 1, BACKWARD=False, IMAGE_GRAD=False,
         **_common(d, img.dtype, _chain.is_big(img, out, *fields)))
     return out
@@ -223,7 +223,7 @@ def _warp_backward(grad: Tensor, image: Tensor, chain: list[Tensor], shape: list
         block = backward_block(d)
         _launch(
             warp_backward, (triton.cdiv(n, block), batch),
-            img, img.new_empty((1,)), grad, grad_img if grad_img is not None else scratch_like(img), img.shape[1], n, *_padded(img.shape[2:]),
+            img, img, grad, grad_img if grad_img is not None else img, img.shape[1], n, *_padded(img.shape[2:]),
             *_padded(shape), *slots, NF=len(fields), BATCHED=batched, GMASK=grad_mask(chain_needs_grad), STOP=stop,
             IMG_BATCHED=img.shape[0] != 1, BACKWARD=True, IMAGE_GRAD=image_needs_grad,
             **_common(d, img.dtype, _chain.is_big(img, grad, *fields)), BLOCK=block, num_warps=NUM_WARPS)
@@ -279,7 +279,7 @@ def _gradicon_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain_ba: list
     if stop >= 0:
         block = backward_block(d, 4)
         _gradicon_launch(gradicon_backward, lambda n: (triton.cdiv(n, block), batch), fields, buffers, batch, d,
-                         shape, stride, noise, seed, delta, noise_scale, scratch_like(fields[0]), grad.contiguous(),
+                         shape, stride, noise, seed, delta, noise_scale, fields[0], grad.contiguous(),
                          grad_mask(needs), stop, True, {"BLOCK": block, "num_warps": NUM_WARPS})
     grads = _returned(buffers, fields)
     return grads[:len(chain_ab)], grads[len(chain_ab):]
@@ -321,8 +321,7 @@ def _gradicon_analytic_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain
     if stop >= 0:
         block = max(8, backward_block(d) // 2)  # the reverse pass also keeps J - I per field
         _analytic_launch(gradicon_analytic_backward, lambda n: (triton.cdiv(n, block), batch), fields, buffers, batch,
-                         d, shape, stride, noise, seed, noise_scale, scratch_like(fields[0]), grad.contiguous(),
-                         grad_mask(needs),
+                         d, shape, stride, noise, seed, noise_scale, fields[0], grad.contiguous(), grad_mask(needs),
                          stop, True, {"BLOCK": block, "num_warps": NUM_WARPS})
     grads = _returned(buffers, fields)
     return grads[:len(chain_ab)], grads[len(chain_ab):]
@@ -364,8 +363,7 @@ def _icon_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain_ba: list[Ten
     if stop_ab >= 0:
         block = backward_block(d)
         _icon_launch(icon_backward, lambda n: (triton.cdiv(n, block), batch), fields, buffers, len(chain_ab), batch,
-                     d, shape, noise, seed, noise_scale, scratch_like(fields[0]), grad.contiguous(), grad_mask(ab + ba),
-                     stop_ab,
+                     d, shape, noise, seed, noise_scale, fields[0], grad.contiguous(), grad_mask(ab + ba), stop_ab,
                      stop_ba, True, {"BLOCK": block, "num_warps": NUM_WARPS})
     grads = _returned(buffers, fields)
     return grads[:len(chain_ab)], grads[len(chain_ab):]
