@@ -6,10 +6,9 @@
 // sinf and cosf, an ulp or two away.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
-
-#include <cmath>
 
 namespace gradicon_fast::box_muller {
 
@@ -25,6 +24,7 @@ inline float float_of(int32_t i) {
   return x;
 }
 inline int32_t truncated(float x) { return static_cast<int32_t>(x); }
+inline float converted(int32_t i) { return static_cast<float>(i); }
 inline float root(float x) { return std::sqrt(x); }
 inline float select(bool m, float a, float b) { return m ? a : b; }
 inline int32_t select(bool m, int32_t a, int32_t b) { return m ? a : b; }
@@ -36,6 +36,7 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 inline v8i bits_of(v8f x) { return reinterpret_cast<v8i>(x); }
 inline v8f float_of(v8i i) { return reinterpret_cast<v8f>(i); }
 inline v8i truncated(v8f x) { return __builtin_convertvector(x, v8i); }
+inline v8f converted(v8i i) { return __builtin_convertvector(i, v8f); }
 inline v8f root(v8f x) { return __builtin_ia32_sqrtps256(x); }
 inline v8f select(v8i m, v8f a, v8f b) { return m ? a : b; }
 inline v8i select(v8i m, v8i a, v8i b) { return m ? a : b; }
@@ -61,12 +62,7 @@ inline F log_unit(F x) {
   y = y * t - 2.4999993993e-1f;
   y = y * t + 3.3333331174e-1f;
   y = y * t * z;
-  F ef;
-  if constexpr (sizeof(F) == sizeof(float)) {
-    ef = static_cast<float>(e);
-  } else {
-    ef = __builtin_convertvector(e, F);
-  }
+  const F ef = converted(e);
   y = y + -2.12194440e-4f * ef;
   y = y + -0.5f * z;
   return (t + y) + 0.693359375f * ef;
@@ -77,12 +73,7 @@ inline F log_unit(F x) {
 template <typename F, typename I>
 inline void sincos_turns(F u, F& cos_out, F& sin_out) {
   const I q = truncated(u * 4.0f + 0.5f);
-  F qf;
-  if constexpr (sizeof(F) == sizeof(float)) {
-    qf = static_cast<float>(q);
-  } else {
-    qf = __builtin_convertvector(q, F);
-  }
+  const F qf = converted(q);
   const F x = (u - qf * 0.25f) * 6.283185307179586f;
   const F z = x * x;
   F s = -1.9515295891e-4f * z + 8.3321608736e-3f;

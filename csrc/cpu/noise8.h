@@ -8,7 +8,6 @@
 #ifdef GF_HAVE_SIMD8
 
 #include "../box_muller.h"
-#include "../philox.h"
 
 namespace gradicon_fast::cpu::simd {
 
