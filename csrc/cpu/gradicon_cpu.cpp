@@ -197,7 +197,7 @@ double backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<flo
             a[k + 1][c] = v;
           }
         }
-        chain_backward8<D, E>(chain, s32, b, stash, jacobian, a, owned, false);
+        chain_backward8<D, E>(chain, s32, b, stash, jacobian, a, owned);
         double sq = 0.0;
         for (int l = 0; l < kLanes; ++l) {
           if (!(owned >> l & 1)) continue;
