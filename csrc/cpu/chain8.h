@@ -28,37 +28,49 @@ inline void prefetch_rows8(const float* grad, int64_t channel_stride, const Cell
 }
 
 // y ← f(y) for one field f of a chain, at GradICON's E points per lane: point 0 and its shifts
-// x + δ ê_k (e = k + 1). stash (if given) keeps the positions f is sampled at, and jacobian (if
-// given) its spatial derivatives there, jacobian[e][ch][k] = ∂f_ch/∂x_k, for the reverse pass.
+// x + δ ê_k (e = k + 1), in two halves, so that a caller stepping several groups of lanes issues
+// the loads of all of them before any arithmetic waits on one (their cache misses overlap):
+// field_begin8 locates the cells and loads point 0's corners, field_finish8 does the rest. stash
+// (if given) keeps the positions f is sampled at, and jacobian (if given) its spatial derivatives
+// there, jacobian[e][ch][k] = ∂f_ch/∂x_k, for the reverse pass.
 //
-// The corners of point 0's cells are loaded; the shifted points mostly fall in the same cell,
-// or in the next one along axis k when δ crosses a voxel boundary (δ is a sixth of a voxel at
-// 175³): those share a face with point 0's cell and load only the other face. Lanes whose cell
-// differs otherwise load all corners. (Prefetching the cells a later group would read, guessed
-// from these, stopped paying once these loads were plain loads instead of gathers.)
+// The shifted points mostly fall in point 0's cell, or in the next one along axis k when δ
+// crosses a voxel boundary (δ is a sixth of a voxel at 175³): those share a face with point 0's
+// cell and load only the other face. Lanes whose cell differs otherwise load all corners.
+// (Prefetching the rows the next group will read, guessed from these, measured within noise.)
 template <int D, int E>
-inline void field_forward8(const FieldRef<float, D>& f, const int32_t* stride, int64_t b, f8 (&y)[E][D],
-                           f8 (*stash)[D], f8 (*jacobian)[D][D]) {
+struct FieldStep8 {
+  Cell8<D> c[E];
+  f8 corners0[D][1 << D];
+};
+
+template <int D, int E>
+inline void field_begin8(const FieldRef<float, D>& f, const int32_t* stride, int64_t b, const f8 (&y)[E][D],
+                         FieldStep8<D, E>& s) {
+  for (int e = 0; e < E; ++e) s.c[e] = locate_cell8<D>(y[e], f.size, stride);
+  load_corners8<D>(f.data + b * f.batch_stride, f.channel_stride, f.size[D - 1], s.c[0], s.corners0);
+  if (f.grad && f.channel_stride * D * sizeof(float) >= kPrefetchGradBytes)
+    prefetch_rows8<D>(f.grad + b * f.batch_stride, f.channel_stride, s.c[0]);
+}
+
+template <int D, int E>
+inline void field_finish8(const FieldRef<float, D>& f, int64_t b, const FieldStep8<D, E>& s, f8 (&y)[E][D],
+                          f8 (*stash)[D], f8 (*jacobian)[D][D]) {
   constexpr int kCorners = 1 << D;
   const float* data = f.data + b * f.batch_stride;
-  Cell8<D> c[E];
-  for (int e = 0; e < E; ++e) c[e] = locate_cell8<D>(y[e], f.size, stride);
-  f8 corners0[D][kCorners];
-  load_corners8<D>(data, f.channel_stride, f.size[D - 1], c[0], corners0);
-  if (f.grad && f.channel_stride * D * sizeof(float) >= kPrefetchGradBytes)
-    prefetch_rows8<D>(f.grad + b * f.batch_stride, f.channel_stride, c[0]);
+  const Cell8<D>(&c)[E] = s.c;
   f8 v[E][D];
   for (int e = 0; e < E; ++e) {
     f8 corners[D][kCorners];
     for (int ch = 0; ch < D; ++ch)
-      for (int q = 0; q < kCorners; ++q) corners[ch][q] = corners0[ch][q];
+      for (int q = 0; q < kCorners; ++q) corners[ch][q] = s.corners0[ch][q];
     if (e > 0) {
       const CellMove m = cell_move8<D>(c[0], c[e], (e - 1) % D);
       if (m.face_lanes) {
         const int bit = 1 << (D - 1 - m.axis);
         for (int ch = 0; ch < D; ++ch)
           for (int q = 0; q < kCorners; ++q)
-            if (!(q & bit)) corners[ch][q] = m.face ? corners0[ch][q | bit] : corners[ch][q];
+            if (!(q & bit)) corners[ch][q] = m.face ? s.corners0[ch][q | bit] : corners[ch][q];
         load_lane_corners8<D>(data, f.channel_stride, c[e], face_corners<D>(m.axis), m.face, m.face_lanes, corners);
       }
       if (m.other_lanes)
@@ -76,16 +88,20 @@ inline void field_forward8(const FieldRef<float, D>& f, const int32_t* stride, i
     }
 }
 
-// y ← φ(y) through the chain. stash (if given) keeps each field's input positions and jacobian
-// (if given) its spatial derivatives there, jacobian[j][e][ch][k] = ∂field_j,ch/∂x_k, for every
-// field but the innermost (j = count - 1): the reverse pass stops at that field's gradient and
-// never carries ∂L/∂y past it.
-template <int D, int E>
-inline void chain_forward8(const ChainRef<float, D>& chain, const Strides32<D>& s32, int64_t b, f8 (&y)[E][D],
-                           f8 (*stash)[E][D], f8 (*jacobian)[E][D][D]) {
-  for (int j = chain.count - 1; j >= 0; --j)
-    field_forward8<D, E>(chain.field[j], s32.stride[j], b, y, stash ? stash[j] : nullptr,
-                         jacobian && j != chain.count - 1 ? jacobian[j] : nullptr);
+// y[g] ← φ(y[g]) through the chain for G groups of eight lanes, field by field. stash (if given)
+// keeps each field's input positions and jacobian (if given) its spatial derivatives there,
+// jacobian[g][j][e][ch][k] = ∂field_j,ch/∂x_k, for every field but the innermost (j = count - 1):
+// the reverse pass stops at that field's gradient and never carries ∂L/∂y past it.
+template <int D, int E, int G>
+inline void chain_forward8(const ChainRef<float, D>& chain, const Strides32<D>& s32, int64_t b, f8 (&y)[G][E][D],
+                           f8 (*stash)[kMaxComposed][E][D], f8 (*jacobian)[kMaxComposed][E][D][D]) {
+  for (int j = chain.count - 1; j >= 0; --j) {
+    FieldStep8<D, E> step[G];
+    for (int g = 0; g < G; ++g) field_begin8<D, E>(chain.field[j], s32.stride[j], b, y[g], step[g]);
+    for (int g = 0; g < G; ++g)
+      field_finish8<D, E>(chain.field[j], b, step[g], y[g], stash ? stash[g][j] : nullptr,
+                          jacobian && j != chain.count - 1 ? jacobian[g][j] : nullptr);
+  }
 }
 
 // Lanes whose every gradient write through `chain` stays inside `ranges` (bit l = lane l).

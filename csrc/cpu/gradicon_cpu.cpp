@@ -123,29 +123,47 @@ void fd_gradient_error8(const f8 (&start)[D + 1][D], const f8 (&end)[D + 1][D], 
     for (int c = 0; c < D; ++c) g[k][c] = ((start[0][c] - end[0][c]) - (start[k + 1][c] - end[k + 1][c])) / splat(delta);
 }
 
+// Groups of eight points that go through the chain together, field by field (chain_forward8),
+// so that the cache misses of one group's loads overlap the other's: the lung-scale step 6 %
+// faster with two than with one; four measured the same as two.
+constexpr int kGroupsPerItem = 2;
+
+// Σ g² over the active lanes.
+template <int D>
+double squared_sum8(const f8 (&g)[D][D], unsigned active) {
+  double s = 0.0;
+  for (int l = 0; l < kLanes; ++l) {
+    if (!(active >> l & 1)) continue;
+    for (int k = 0; k < D; ++k)
+      for (int c = 0; c < D; ++c) s += static_cast<double>(g[k][c][l] * g[k][c][l]);
+  }
+  return s;
+}
+
 template <int D>
 double forward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& pts, int64_t batch, float delta) {
-  constexpr int E = D + 1;
+  constexpr int E = D + 1, G = kGroupsPerItem;
   const Strides32<D> s32 = strides32(chain);
-  const int64_t groups = (pts.num_points + kLanes - 1) / kLanes;
+  const int64_t items = (pts.num_points + G * kLanes - 1) / (G * kLanes);
   const VisitingOrder<float, D> order = visiting_order(pts);
-  const double sum = deterministic_sum(groups, [&](int64_t group) {
-    f8 x[D];
-    int64_t p[kLanes];
-    const unsigned active = load_points8(pts, order, group * kLanes, x, p);
+  const double sum = deterministic_sum(items, [&](int64_t item) {
+    f8 x[G][D];
+    int64_t p[G][kLanes];
+    unsigned active[G];
+    for (int g = 0; g < G; ++g) active[g] = load_points8(pts, order, (item * G + g) * kLanes, x[g], p[g]);
     double s = 0.0;
     for (int64_t b = 0; b < batch; ++b) {
-      f8 start[E][D], end[E][D];
-      shifted_points8(x, delta, start);
-      for (int e = 0; e < E; ++e)
-        for (int k = 0; k < D; ++k) end[e][k] = start[e][k];
-      chain_forward8<D, E>(chain, s32, b, end, nullptr, nullptr);
-      f8 g[D][D];
-      fd_gradient_error8(start, end, delta, g);
-      for (int l = 0; l < kLanes; ++l) {
-        if (!(active >> l & 1)) continue;
-        for (int k = 0; k < D; ++k)
-          for (int c = 0; c < D; ++c) s += static_cast<double>(g[k][c][l] * g[k][c][l]);
+      f8 start[G][E][D], end[G][E][D];
+      for (int g = 0; g < G; ++g) {
+        shifted_points8(x[g], delta, start[g]);
+        for (int e = 0; e < E; ++e)
+          for (int k = 0; k < D; ++k) end[g][e][k] = start[g][e][k];
+      }
+      chain_forward8<D, E, G>(chain, s32, b, end, nullptr, nullptr);
+      for (int g = 0; g < G; ++g) {
+        f8 err[D][D];
+        fd_gradient_error8(start[g], end[g], delta, err);
+        s += squared_sum8(err, active[g]);
       }
     }
     return s;
@@ -156,9 +174,9 @@ double forward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<floa
 template <int D>
 double backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& pts, int64_t batch, float delta,
                       float grad_loss) {
-  constexpr int E = D + 1;
+  constexpr int E = D + 1, G = kGroupsPerItem;
   const int64_t n = pts.num_points;
-  const int64_t groups = (n + kLanes - 1) / kLanes;
+  const int64_t items = (n + G * kLanes - 1) / (G * kLanes);  // per batch entry
   const float scale_sum = grad_loss / static_cast<float>(batch * D * n);
   const float s = 2.f * scale_sum / delta;
   const Strides32<D> s32 = strides32(chain);
@@ -172,37 +190,39 @@ double backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<flo
   for (size_t i = 0; i < rows.size(); ++i) all[i] = {0, rows[i]};
   const VisitingOrder<float, D> order = visiting_order(pts);
   return for_each_item_owning_rows(
-      batch * groups, rows, 32,
+      batch * items, rows, 32 / G,
       [&](int64_t item, const RowRange* own, std::vector<int64_t>& deferred) {
-        const int64_t b = item / groups;
-        f8 x[D];
-        int64_t p[kLanes];
-        const unsigned active = load_points8(pts, order, (item % groups) * kLanes, x, p);
-        f8 start[E][D], end[E][D];
-        f8 stash[kMaxComposed][E][D];
-        f8 jacobian[kMaxComposed][E][D][D];
-        shifted_points8(x, delta, start);
-        for (int e = 0; e < E; ++e)
-          for (int k = 0; k < D; ++k) end[e][k] = start[e][k];
-        chain_forward8<D, E>(chain, s32, b, end, stash, jacobian);
-        const unsigned owned = owned_lanes8<D, E>(chain, target, b, stash, own) & active;
-        for (unsigned rest = active & ~owned; rest; rest &= rest - 1) deferred.push_back(b * n + p[__builtin_ctz(rest)]);
-        f8 g[D][D], a[E][D];
-        fd_gradient_error8(start, end, delta, g);
-        for (int c = 0; c < D; ++c) a[0][c] = splat(0.f);
-        for (int k = 0; k < D; ++k) {
-          for (int c = 0; c < D; ++c) {
-            const f8 v = g[k][c] * splat(s);
-            a[0][c] -= v;
-            a[k + 1][c] = v;
-          }
+        const int64_t b = item / items;
+        f8 x[G][D];
+        int64_t p[G][kLanes];
+        unsigned active[G];
+        for (int g = 0; g < G; ++g) active[g] = load_points8(pts, order, ((item % items) * G + g) * kLanes, x[g], p[g]);
+        f8 start[G][E][D], end[G][E][D];
+        f8 stash[G][kMaxComposed][E][D];
+        f8 jacobian[G][kMaxComposed][E][D][D];
+        for (int g = 0; g < G; ++g) {
+          shifted_points8(x[g], delta, start[g]);
+          for (int e = 0; e < E; ++e)
+            for (int k = 0; k < D; ++k) end[g][e][k] = start[g][e][k];
         }
-        chain_backward8<D, E>(chain, s32, b, stash, jacobian, a, owned);
+        chain_forward8<D, E, G>(chain, s32, b, end, stash, jacobian);
         double sq = 0.0;
-        for (int l = 0; l < kLanes; ++l) {
-          if (!(owned >> l & 1)) continue;
-          for (int k = 0; k < D; ++k)
-            for (int c = 0; c < D; ++c) sq += static_cast<double>(g[k][c][l] * g[k][c][l]);
+        for (int g = 0; g < G; ++g) {
+          const unsigned owned = owned_lanes8<D, E>(chain, target, b, stash[g], own) & active[g];
+          for (unsigned rest = active[g] & ~owned; rest; rest &= rest - 1)
+            deferred.push_back(b * n + p[g][__builtin_ctz(rest)]);
+          f8 err[D][D], a[E][D];
+          fd_gradient_error8(start[g], end[g], delta, err);
+          for (int c = 0; c < D; ++c) a[0][c] = splat(0.f);
+          for (int k = 0; k < D; ++k) {
+            for (int c = 0; c < D; ++c) {
+              const f8 v = err[k][c] * splat(s);
+              a[0][c] -= v;
+              a[k + 1][c] = v;
+            }
+          }
+          chain_backward8<D, E>(chain, s32, b, stash[g], jacobian[g], a, owned);
+          sq += squared_sum8(err, owned);
         }
         return sq;
       },
