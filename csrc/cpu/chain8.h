@@ -127,9 +127,9 @@ inline unsigned owned_lanes8(const ChainRef<float, D>& chain, const int* target,
 
 // Adds v[ch][q] (lane l) to channel ch of corner q of lane l's cell c, for the lanes in `lanes`.
 // A cell's two corners along x are neighbours in memory, so they are added as one pair (one
-// 64-bit load, add and store instead of two of each: the lung-scale step 3-4 % faster). At the last voxel along x (step 0, both
-// corners the same voxel) the pair that ends at the voxel gets (0, v[q] + v[q + 1]); fields one
-// voxel wide along x are added corner by corner.
+// 64-bit load, add and store instead of two of each: the lung-scale step 3-4 % faster). At the
+// last voxel along x (step 0, both corners the same voxel) the pair that ends at the voxel gets
+// (0, v[q] + v[q + 1]); fields one voxel wide along x are added corner by corner.
 template <int D>
 inline void add_corners8(float* grad, int64_t channel_stride, int size_x, const Cell8<D>& c,
                          const f8 (&v)[D][1 << D], unsigned lanes) {
