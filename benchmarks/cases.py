@@ -1,6 +1,6 @@
 """Benchmark cases: the ops, the problem sizes, the inputs, and what each backend runs.
 
-A *size* ``N`` stands for the standard network's chain (SPEC §5): four displacement fields per
+A *size* ``N`` stands for the standard network's chain (docs/conventions.md §5): four displacement fields per
 direction at ``ceil(N/4)³, ceil(N/2)³, N³, N³`` (U1 at ¼ resolution, U2 at ½, U3 and U4 at full),
 on a loss / image grid of ``N³``. ``lung`` is N = 175: chains at 44³, 88³, 175³, 175³ and sparse
 GradICON on 88³ points (shape 175³, stride 2), the paper's lung setting.

@@ -1,5 +1,5 @@
 // Evaluating a chain of displacement fields at points, and its reverse pass: per-point math
-// shared by the CPU and CUDA kernels (SPEC §1).
+// shared by the CPU and CUDA kernels (docs/conventions.md §1).
 //
 // φ = Φ_1∘…∘Φ_K: y = x; for D in reversed(chain): y = y + sample(D, y). The forward pass can
 // keep the position each field was sampled at (the "stash", K·d numbers per point, in

@@ -1,4 +1,4 @@
-// Per-point math of the analytic GradICON penalty (SPEC §2, "Analytic GradICON"), shared by the
+// Per-point math of the analytic GradICON penalty (docs/conventions.md §2, "Analytic GradICON"), shared by the
 // CPU and CUDA kernels.
 //
 // The chain φ = Φ_1∘…∘Φ_M (fields outermost first, field M applied first) maps x through

@@ -1,4 +1,4 @@
-// Per-point pieces of the finite-difference GradICON penalty (SPEC §2), shared by the CPU and
+// Per-point pieces of the finite-difference GradICON penalty (docs/conventions.md §2), shared by the CPU and
 // CUDA kernels. Each point x travels with its D shifted copies x + δ ê_k (E = D + 1 points);
 // g_k = (e(x) - e(x + δ ê_k)) / δ with e(x) = x - φ(x).
 #pragma once

@@ -53,7 +53,7 @@ TORCH_LIBRARY(gradicon_fast, m) {
   m.def(
       "icon_loss_backward(Tensor grad, Tensor[] chain_ab, Tensor[] chain_ba, int[] shape, Tensor? noise, "
       "int seed, float noise_scale, bool[] ab_needs_grad, bool[] ba_needs_grad) -> (Tensor[], Tensor[])");
-  // Analytic GradICON: the exact chain-rule Jacobian instead of finite differences (SPEC §2).
+  // Analytic GradICON: the exact chain-rule Jacobian instead of finite differences (docs/conventions.md §2).
   m.def(
       "gradicon_analytic_loss(Tensor[] chain_ab, Tensor[] chain_ba, int[] shape, int stride, Tensor? noise, "
       "int seed, float noise_scale) -> Tensor");

@@ -1,5 +1,5 @@
 // The points a penalty (GradICON, ICON) is evaluated at: id[..., ::stride, ...] + noise_scale * noise
-// (SPEC §2), computed per point from its flat index so that nothing is stored.
+// (docs/conventions.md §2), computed per point from its flat index so that nothing is stored.
 #pragma once
 
 #include "philox.h"
@@ -18,7 +18,7 @@ struct PenaltyPoints {
   T noise_scale;
 };
 
-// Identity coordinate i / (size - 1), computed in double and rounded once (SPEC §1).
+// Identity coordinate i / (size - 1), computed in double and rounded once (docs/conventions.md §1).
 template <typename T>
 GF_HD T grid_coordinate(int64_t index, int size) {
   return size == 1 ? T(0) : static_cast<T>(static_cast<double>(index) / static_cast<double>(size - 1));

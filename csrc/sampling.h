@@ -1,4 +1,4 @@
-// Per-point sampling math shared by the CPU and CUDA kernels (SPEC §1).
+// Per-point sampling math shared by the CPU and CUDA kernels (docs/conventions.md §1).
 //
 // A coordinate x in [0, 1] on an axis of `size` voxels is the continuous index p = x * (size - 1),
 // clamped to [0, size - 1] (border padding, align-corners). Interpolation is separable linear:

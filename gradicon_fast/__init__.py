@@ -3,7 +3,7 @@
     import gradicon_fast as gf
     loss = gf.gradicon_loss(chain_AB, chain_BA, shape=(175, 175, 175), stride=2)
 
-See README.md for the conventions and backends, and SPEC.md for the exact semantics.
+See README.md for the conventions and backends, and docs/conventions.md for the exact semantics.
 """
 
 from . import reference

@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_warp)
 
     p = sub.add_parser("jacobian", help="Jacobian determinant and fold percentage of a transform",
-                       description="Print the fold percentage (cells with negative Jacobian determinant, SPEC §4) of "
+                       description="Print the fold percentage (cells with negative Jacobian determinant, docs/conventions.md §4) of "
                        "a displacement field and optionally write the determinant image (one value per grid cell).")
     p.add_argument("--transform", required=True, metavar="T", help="displacement field image or ITK transform file")
     p.add_argument("--reference", metavar="F", help="sample the transform on this image's grid (needed for "

@@ -187,7 +187,7 @@ def make_synthetic_pair(shape: Sequence[int] = (96, 96, 96), spacing: float = 2.
 
 
 def dice(a: torch.Tensor, b: torch.Tensor, num_labels: int) -> float:
-    """Mean Dice over labels 1..num_labels of two label maps (SPEC §4)."""
+    """Mean Dice over labels 1..num_labels of two label maps (docs/conventions.md §4)."""
     scores = []
     for label in range(1, num_labels + 1):
         x, y = a == label, b == label

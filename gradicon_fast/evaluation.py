@@ -1,4 +1,4 @@
-"""Evaluation of registrations (SPEC §4): Dice, fold percentage, landmark mTRE.
+"""Evaluation of registrations (docs/conventions.md §4): Dice, fold percentage, landmark mTRE.
 
 Conventions. For a pair (A, B) = (moving, fixed), φ_AB maps B's grid into A (``A ∘ φ_AB ≈ B``).
 
@@ -9,7 +9,7 @@ Conventions. For a pair (A, B) = (moving, fixed), φ_AB maps B's grid into A (``
   network's input grid), the paper's %|J|.
 - **Landmarks / mTRE**: landmarks are given as (N, d) **0-based voxel indices**: ``fixed`` in the
   fixed image B, ``moving`` in the moving image A (convert 1-based files such as DirLab's before).
-  A fixed landmark ``i`` becomes the [0, 1] coordinate ``x_k = i_k / (S^B_k - 1)`` (SPEC §1:
+  A fixed landmark ``i`` becomes the [0, 1] coordinate ``x_k = i_k / (S^B_k - 1)`` (docs/conventions.md §1:
   voxel centres, align-corners; ``S^B`` the fixed image's *original* shape, whatever size the
   network ran at, since [0, 1] coordinates do not depend on resolution as long as the resizing
   keeps the field of view, i.e. resampling with align-corners as ``gradicon_fast.data`` does).

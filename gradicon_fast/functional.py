@@ -1,6 +1,6 @@
 """The public functions of gradicon_fast: checked arguments, then the chosen backend.
 
-Conventions (SPEC §1): maps and displacement fields are ``(B, d, *S)``, channel k the coordinate
+Conventions (docs/conventions.md §1): maps and displacement fields are ``(B, d, *S)``, channel k the coordinate
 along spatial axis k, in [0, 1] (align-corners); a chain is a list of displacement fields,
 outermost first, standing for φ = Φ_1∘…∘Φ_K with Φ_D(x) = x + sample(D, x).
 """
@@ -122,7 +122,7 @@ def gradicon_loss(chain_AB: Sequence[Tensor], chain_BA: Sequence[Tensor], *, sha
                   noise: Tensor | None = None, generator: torch.Generator | None = None, delta: float = 1e-3,
                   noise_scale: float | None = None, symmetric: bool = False, mode: str = "fd",
                   backend: str | None = None) -> Tensor:
-    """The GradICON penalty of the pair (SPEC §2), a scalar.
+    """The GradICON penalty of the pair (docs/conventions.md §2), a scalar.
 
     ``shape`` is the grid the loss is taken on; ``stride=2`` is the paper's sparse variant.
     ``noise`` (1, d, *points_shape), when given, is the standard-normal perturbation (scaled by
@@ -166,7 +166,7 @@ def gradicon_loss(chain_AB: Sequence[Tensor], chain_BA: Sequence[Tensor], *, sha
 def icon_loss(chain_AB: Sequence[Tensor], chain_BA: Sequence[Tensor], *, shape: Sequence[int],
               noise: Tensor | None = None, generator: torch.Generator | None = None,
               noise_scale: float | None = None, backend: str | None = None) -> Tensor:
-    """The ICON penalty of the pair, both directions (SPEC §2), a scalar."""
+    """The ICON penalty of the pair, both directions (docs/conventions.md §2), a scalar."""
     d, batch = V.check_pair(chain_AB, chain_BA)
     shape = V.check_shape("shape", shape, d)
     V.check_noise(noise, d, shape, chain_AB[0])

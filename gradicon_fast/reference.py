@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of SPEC.md: the oracle for every kernel, and the fallback backend.
+"""Pure-PyTorch reference of the conventions in docs/conventions.md: the oracle for every kernel, and the fallback backend.
 
 Written from the spec on top of ``torch.nn.functional.grid_sample`` and independent of the
 kernels. Nothing here validates its inputs: the public functions in ``functional.py`` do that
@@ -18,7 +18,7 @@ Tensor = torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------
-# Coordinates and sampling (SPEC §1)
+# Coordinates and sampling (docs/conventions.md §1)
 # --------------------------------------------------------------------------------------------
 
 
@@ -42,7 +42,7 @@ def _broadcast_batch(*sizes: int) -> int:
 def sample(field: Tensor, coords: Tensor, *, mode: str = "bilinear") -> Tensor:
     """Interpolate ``field`` (B|1, C, *S_F) at ``coords`` (B|1, d, *P) in [0, 1] units.
 
-    Border-clamped (bi/tri)linear interpolation in align-corners convention: SPEC §1. The output is
+    Border-clamped (bi/tri)linear interpolation in align-corners convention: docs/conventions.md §1. The output is
     ``(B, C, *P)``. ``mode="nearest"`` is for label maps.
     """
     d = coords.shape[1]
@@ -92,7 +92,7 @@ def warp(image: Tensor, chain: Sequence[Tensor], shape: Sequence[int] | None = N
 
 
 # --------------------------------------------------------------------------------------------
-# Inverse-consistency penalties (SPEC §2)
+# Inverse-consistency penalties (docs/conventions.md §2)
 # --------------------------------------------------------------------------------------------
 
 
@@ -149,7 +149,7 @@ def icon_loss(chain_ab: Sequence[Tensor], chain_ba: Sequence[Tensor], *, shape: 
 
 
 # --------------------------------------------------------------------------------------------
-# Folding and smoothness baselines (SPEC §2, §4)
+# Folding and smoothness baselines (docs/conventions.md §2, §4)
 # --------------------------------------------------------------------------------------------
 
 
@@ -166,7 +166,7 @@ def _forward_differences(phi: Tensor) -> list[Tensor]:
 
 
 def cell_volumes(phi: Tensor) -> Tensor:
-    """Signed volume (area in 2D) of each grid cell under the map ``phi``: SPEC §4's dV or dA.
+    """Signed volume (area in 2D) of each grid cell under the map ``phi``: docs/conventions.md §4's dV or dA.
 
     As in the published code, the 3D edge vectors meet at each cell's last corner and the 2D ones
     at its first.
@@ -244,7 +244,7 @@ def bending_energy(phi: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Analytic GradICON (SPEC §2): the exact chain-rule Jacobian of the piecewise (tri)linear maps
+# Analytic GradICON (docs/conventions.md §2): the exact chain-rule Jacobian of the piecewise (tri)linear maps
 # --------------------------------------------------------------------------------------------
 #
 # The interpolant is written out explicitly here (a gather of the 2^d cell corners with computed

@@ -1,7 +1,7 @@
 """Model-free registration: optimise the displacement fields of a pair directly, GradICON-regularised.
 
 Classical-tool style (multi-resolution, coarse to fine, Adam), with the paper's objective:
-``sim(A∘φ_AB, B) + sim(B∘φ_BA, A) + λ·GradICON(φ_AB, φ_BA)`` (SPEC §2-3, sparse penalty, stride 2), A
+``sim(A∘φ_AB, B) + sim(B∘φ_BA, A) + λ·GradICON(φ_AB, φ_BA)`` (docs/conventions.md §2-3, sparse penalty, stride 2), A
 the moving and B the fixed image. φ_AB and φ_BA are one displacement field each (a chain of length
 1), defined on a coarse grid and sampled trilinearly. Each level refines the previous level's fields
 on a finer grid: field = the previous level's field (trilinearly upsampled, which represents
@@ -61,7 +61,7 @@ class RegistrationSettings:
     levels: tuple[Level, ...] = (Level(4, 4, 100), Level(2, 4, 100), Level(1, 2, 50))
     lr: float = 0.1                     # Adam step, in voxels of the level's field grid
     lmbda: float = 2.0                  # weight of the GradICON penalty
-    sigma: int = 3                      # LNCC Gaussian σ in voxels of the level's image grid (SPEC §3)
+    sigma: int = 3                      # LNCC Gaussian σ in voxels of the level's image grid (docs/conventions.md §3)
     similarity: str = "lncc"            # "lncc", "lncc2" (squared) or "mse"
     stride: int = 2                     # sparse GradICON (the paper's variant)
     smooth: float = 2.0                 # Gaussian σ (field voxels) smoothing each level's field update; 0: none
@@ -89,12 +89,12 @@ class RegistrationResult:
 
 
 # ------------------------------------------------------------------------------------------------
-# Similarity (SPEC §3), Gaussian smoothing by banded matrices
+# Similarity (docs/conventions.md §3), Gaussian smoothing by banded matrices
 # ------------------------------------------------------------------------------------------------
 
 
 def gaussian_taps(sigma: float, *, dtype=torch.float32) -> Tensor:
-    """SPEC §3's taps: k = 4σ + 1 points at -(k-1)/2 … (k-1)/2, weights exp(-x²/2σ²), normalised."""
+    """docs/conventions.md §3's taps: k = 4σ + 1 points at -(k-1)/2 … (k-1)/2, weights exp(-x²/2σ²), normalised."""
     k = int(round(4 * sigma)) + 1
     x = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
     w = torch.exp(-x ** 2 / (2 * sigma ** 2))
@@ -127,7 +127,7 @@ def _smooth_axes(x: Tensor, matrices: Sequence[Tensor]) -> Tensor:
 
 
 class GaussianBlur:
-    """Separable Gaussian smoothing with SPEC §3's taps and zero padding, "same" size.
+    """Separable Gaussian smoothing with docs/conventions.md §3's taps and zero padding, "same" size.
 
     Each axis is one matrix product with a banded (size x size) matrix: exact, and on CPU several
     times faster than a depthwise 3D convolution for the σ and sizes used here.
@@ -142,7 +142,7 @@ class GaussianBlur:
 
 
 def lncc_loss(a: Tensor, b: Tensor, blur: GaussianBlur, *, squared: bool = False) -> Tensor:
-    """``1 - mean(lncc)`` (SPEC §3) of single-channel images ``(B, 1, *S)``."""
+    """``1 - mean(lncc)`` (docs/conventions.md §3) of single-channel images ``(B, 1, *S)``."""
     stats = blur(torch.cat([a, b, a * a, b * b, a * b], dim=1))
     ma, mb, maa, mbb, mab = stats.unbind(1)
     cov = mab - ma * mb

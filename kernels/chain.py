@@ -1,5 +1,5 @@
 """Chains of displacement fields in the Triton kernels: how they are passed, evaluated and
-differentiated (SPEC §1), the counterpart of ``csrc/chain.h``.
+differentiated (docs/conventions.md §1), the counterpart of ``csrc/chain.h``.
 
 How a chain reaches a kernel
 ----------------------------

@@ -1,4 +1,4 @@
-"""Triton kernels: the finite-difference GradICON penalty of one direction (SPEC §2).
+"""Triton kernels: the finite-difference GradICON penalty of one direction (docs/conventions.md §2).
 
 ``L = Σ_k mean(g_k²)``, ``g_k = (e(x) - e(x + δ ê_k)) / δ``, ``e(x) = x - φ(x)``, φ = φ_AB∘φ_BA
 (the slots hold φ_AB's fields, then φ_BA's). Each point x travels through the composed chain

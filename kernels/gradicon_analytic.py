@@ -1,4 +1,4 @@
-"""Triton kernels: the analytic GradICON penalty of one direction (SPEC §2, ``mode="analytic"``).
+"""Triton kernels: the analytic GradICON penalty of one direction (docs/conventions.md §2, ``mode="analytic"``).
 
 ``L = Σ ‖J - I‖_F² / (B·d·N)`` with J the exact Jacobian of φ = φ_AB∘φ_BA (slots: φ_AB's fields,
 then φ_BA's) at the penalty points, as ``reference.gradicon_loss_analytic``. Along the chain, in

@@ -1,4 +1,4 @@
-"""Triton kernels: the ICON penalty, both directions (SPEC §2).
+"""Triton kernels: the ICON penalty, both directions (docs/conventions.md §2).
 
 ``L = mean((x - φ_AB(φ_BA(x)))²) + mean((x - φ_BA(φ_AB(x)))²)`` at ``x = id + noise_scale · n``.
 The slots hold φ_AB's NA fields, then φ_BA's; φ_AB∘φ_BA reads them in order and φ_BA∘φ_AB

@@ -1,5 +1,5 @@
 """The points a penalty (GradICON, ICON) is evaluated at, computed per point from its flat index:
-``id[..., ::stride, ...] + noise_scale * noise`` (SPEC §2), the counterpart of
+``id[..., ::stride, ...] + noise_scale * noise`` (docs/conventions.md §2), the counterpart of
 ``csrc/penalty_points.h``.
 
 The noise is either read from a (1, d, *counts) tensor or drawn in the kernel: point p takes the

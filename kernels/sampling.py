@@ -1,4 +1,4 @@
-"""Per-point sampling math of the Triton kernels (SPEC §1), as ``@triton.jit`` helpers.
+"""Per-point sampling math of the Triton kernels (docs/conventions.md §1), as ``@triton.jit`` helpers.
 
 The same math as ``csrc/sampling.h``: a coordinate x in [0, 1] on an axis of ``size`` voxels is
 the continuous index ``p = x * (size - 1)`` clamped to ``[0, size - 1]`` (border padding,

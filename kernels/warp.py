@@ -1,4 +1,4 @@
-"""Triton kernel: an image warped by a chain, ``warped = sample(I, φ(id))`` on a chosen grid (SPEC §1).
+"""Triton kernel: an image warped by a chain, ``warped = sample(I, φ(id))`` on a chosen grid (docs/conventions.md §1).
 
 One source, two compiled kernels: ``warp_forward`` (autotuned on GPU) writes the warped image;
 ``warp_backward`` runs the chain again, scatters ``∂L/∂I`` into the image's gradient buffer and

@@ -52,7 +52,7 @@ def test_unet_any_input_size(shape):
 
 
 def _reference_unet_forward(net, x):
-    """SPEC §5 written out step by step, independently of TallUNet.forward (inputs with even sizes)."""
+    """docs/conventions.md §5 written out step by step, independently of TallUNet.forward (inputs with even sizes)."""
     d = x.ndim - 2
     pool = F.avg_pool2d if d == 2 else F.avg_pool3d
     skips = []

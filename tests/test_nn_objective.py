@@ -122,7 +122,7 @@ def test_input_shape_is_checked():
     assert gnn.standard_network((32, 24), regularizer="gradicon_dense", width=0.25).noise_shape() == (1, 2, 32, 24)
 
 
-# ---- similarity (SPEC §3) -------------------------------------------------------------------
+# ---- similarity (docs/conventions.md §3) -------------------------------------------------------------------
 
 
 def test_gaussian_taps():

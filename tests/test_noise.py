@@ -1,7 +1,7 @@
 """The fused penalties' own noise: gradicon_fast.ops.normal_noise and the seeded kernels.
 
 * normal_noise(seed, d, shape) is standard normal (mean, variance, Kolmogorov-Smirnov, channel
-  independence), deterministic in the seed, different across seeds, and laid out as SPEC §2 says
+  independence), deterministic in the seed, different across seeds, and laid out as docs/conventions.md §2 says
   (point p of the penalty takes the p-th draw, channel k its k-th normal number).
 * A seeded CPU penalty equals the reference given that noise, in value and in gradients: the
   backward regenerates exactly the forward's noise.

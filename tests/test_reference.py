@@ -1,7 +1,7 @@
-"""The reference implementation against independent math (SPEC §1, §2, §4).
+"""The reference implementation against independent math (docs/conventions.md §1, §2, §4).
 
 Nothing here compares the library with itself: the expected values come from hand-written NumPy
-loops that follow SPEC.md literally, or from closed forms (affine maps, quadratic displacements).
+loops that follow docs/conventions.md literally, or from closed forms (affine maps, quadratic displacements).
 The closed-form penalty tests also run on the fused CPU kernels when they are built.
 """
 
@@ -28,7 +28,7 @@ from conftest import (
 BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(not HAS_CPU_KERNELS, reason="extension not built"))]
 
 
-# ---- independent NumPy implementation of SPEC §1 ---------------------------------------------------
+# ---- independent NumPy implementation of docs/conventions.md §1 ---------------------------------------------------
 
 
 def np_identity(shape):
@@ -84,7 +84,7 @@ def np_transform(chain, points):
 
 
 def np_gradicon(chain_ab, chain_ba, shape, stride, noise, noise_scale, delta=1e-3, symmetric=False):
-    """SPEC §2 GradICON, written out: points id[::stride] + noise_scale * noise, FD of e(x) = x - φ_AB(φ_BA(x))."""
+    """docs/conventions.md §2 GradICON, written out: points id[::stride] + noise_scale * noise, FD of e(x) = x - φ_AB(φ_BA(x))."""
     d = len(shape)
     kept = np_identity(shape)[(slice(None), slice(None)) + (slice(None, None, stride),) * d]
     points = kept + noise_scale * np.asarray(noise, dtype=np.float64)
@@ -108,7 +108,7 @@ def np_gradicon(chain_ab, chain_ba, shape, stride, noise, noise_scale, delta=1e-
 
 
 def np_folds(phi):
-    """SPEC §4 literally: percentage of cells with negative dV (3D) or dA (2D)."""
+    """docs/conventions.md §4 literally: percentage of cells with negative dV (3D) or dA (2D)."""
     phi = np.asarray(phi, dtype=np.float64)
     if phi.ndim == 5:
         a = phi[:, :, 1:, 1:, 1:] - phi[:, :, :-1, 1:, 1:]
@@ -145,7 +145,7 @@ def test_identity_map_is_index_over_size_minus_one(rng, d):
             line = torch.linspace(0, 1, shape[k]) if shape[k] > 1 else torch.zeros(1)
             view = [1] * d
             view[k] = shape[k]
-            # SPEC says this "equals torch.linspace(0, 1, S)"; float32 linspace is off by one ulp for
+            # docs/conventions.md says this "equals torch.linspace(0, 1, S)"; float32 linspace is off by one ulp for
             # some sizes (e.g. 4, 7, 8): the float64-then-round definition is the one that holds.
             torch.testing.assert_close(got32[0, k], line.view(view).expand(shape), rtol=0, atol=2**-24)
 
@@ -251,7 +251,7 @@ def test_fold_percentage_one_known_cell_2d(rng):
     shape = random_shape(rng, 2, 3, 8)
     phi = gf.identity_map(shape, dtype=torch.float64).clone()
     h = [1 / (s - 1) for s in shape]
-    # SPEC §4 2D: cell (0, 0) is the only one that uses node (0, 0); pushing that node past the
+    # docs/conventions.md §4 2D: cell (0, 0) is the only one that uses node (0, 0); pushing that node past the
     # diagonal neighbour gives dA = h0 h1 - 4 h0 h1 < 0 there.
     phi[0, 0, 0, 0] = 2 * h[0]
     phi[0, 1, 0, 0] = 2 * h[1]
@@ -264,7 +264,7 @@ def test_fold_percentage_one_known_cell_3d(rng):
     shape = random_shape(rng, 3, 3, 6)
     phi = gf.identity_map(shape, dtype=torch.float64).clone()
     h = [1 / (s - 1) for s in shape]
-    # SPEC §4 3D: a = φ[1:, 1:, 1:] - φ[:-1, 1:, 1:] etc. share the node at the cell's last corner;
+    # docs/conventions.md §4 3D: a = φ[1:, 1:, 1:] - φ[:-1, 1:, 1:] etc. share the node at the cell's last corner;
     # node (-1, -1, -1) is used by the last cell only. Moving it to (1 - 2h): a = (-h0, -2h1, -2h2),
     # b = (-2h0, -h1, -2h2), c = (-2h0, -2h1, -h2), dV = -5 h0 h1 h2 < 0.
     for k in range(3):
@@ -442,7 +442,7 @@ def test_penalties_closed_form_for_affine_pair(rng, d, backend):
     assert icon.item() == pytest.approx(expected, rel=1e-10)
 
 
-# ---- penalties on non-linear chains: SPEC §2 written out ----------------------------------------------
+# ---- penalties on non-linear chains: docs/conventions.md §2 written out ----------------------------------------------
 
 
 @pytest.mark.parametrize("d", [2, 3])
@@ -453,7 +453,7 @@ def test_gradicon_and_icon_match_handwritten_spec(rng, d):
     ab_np, ba_np = [to_np(f) for f in ab], [to_np(f) for f in ba]
     for stride in (1, 2):
         noise = torch.randn(1, d, *R.loss_points_shape(shape, stride), generator=rng, dtype=torch.float64)
-        # default noise_scale: stride / W (SPEC: id + n/W dense, id + 2n/W sparse)
+        # default noise_scale: stride / W (conventions: id + n/W dense, id + 2n/W sparse)
         got = gf.gradicon_loss(ab, ba, shape=shape, stride=stride, noise=noise, backend="torch")
         expected = np_gradicon(ab_np, ba_np, shape, stride, to_np(noise), stride / shape[-1])
         assert got.item() == pytest.approx(expected, rel=1e-9)

@@ -28,7 +28,7 @@ def one_thread():
 
 
 def conv_blur(x, sigma):
-    """SPEC §3's Gaussian smoothing written directly as depthwise convolutions (the oracle)."""
+    """docs/conventions.md §3's Gaussian smoothing written directly as depthwise convolutions (the oracle)."""
     k = 4 * sigma + 1
     t = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
     w = torch.exp(-t ** 2 / (2 * sigma ** 2))

@@ -1,4 +1,4 @@
-// Analytic GradICON penalty on the CPU (SPEC §2): ‖J - I‖_F² with the exact chain-rule Jacobian
+// Analytic GradICON penalty on the CPU (docs/conventions.md §2): ‖J - I‖_F² with the exact chain-rule Jacobian
 // J of φ_AB∘φ_BA at the penalty's points. One pass over the points for the loss, one for the
 // gradients (recomputing the forward per point), nothing stored in between but the seed.
 #include <torch/library.h>

@@ -1,4 +1,4 @@
-// Finite-difference GradICON penalty on the CPU (SPEC §2): one pass over the points for the
+// Finite-difference GradICON penalty on the CPU (docs/conventions.md §2): one pass over the points for the
 // loss, one for the gradients, nothing stored in between but the seed.
 #include <torch/library.h>
 

@@ -1,4 +1,4 @@
-// ICON penalty on the CPU (SPEC §2): mean((x - φ_AB(φ_BA(x)))²) + mean((x - φ_BA(φ_AB(x)))²).
+// ICON penalty on the CPU (docs/conventions.md §2): mean((x - φ_AB(φ_BA(x)))²) + mean((x - φ_BA(φ_AB(x)))²).
 #include <torch/library.h>
 
 #include "../op_checks.h"

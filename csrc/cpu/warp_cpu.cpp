@@ -1,4 +1,4 @@
-// Warping an image by a chain on the CPU: warped = sample(I, φ(id)) on a chosen grid (SPEC §1).
+// Warping an image by a chain on the CPU: warped = sample(I, φ(id)) on a chosen grid (docs/conventions.md §1).
 #include <torch/library.h>
 
 #include "../op_checks.h"

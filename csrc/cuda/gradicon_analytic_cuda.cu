@@ -1,4 +1,4 @@
-// Analytic GradICON penalty on the GPU (SPEC §2): ‖J - I‖_F² with the exact chain-rule Jacobian of
+// Analytic GradICON penalty on the GPU (docs/conventions.md §2): ‖J - I‖_F² with the exact chain-rule Jacobian of
 // φ_AB∘φ_BA at the penalty's points (gradicon_analytic_point.h). One thread per (batch entry,
 // point); the forward writes per-block partial sums (double) reduced in a fixed order; the
 // backward regenerates the noise, recomputes the forward with its stash and scatters the field

@@ -1,4 +1,4 @@
-// Finite-difference GradICON penalty on the GPU (SPEC §2). One thread per (batch entry, point),
+// Finite-difference GradICON penalty on the GPU (docs/conventions.md §2). One thread per (batch entry, point),
 // the point and its D δ-shifted copies evaluated in lockstep through φ_AB∘φ_BA (E = D + 1).
 // Forward: per-block partial sums (double), reduced in a fixed order. Backward: the noise is
 // regenerated from the seed (philox.h), the forward recomputed with its stash, the field

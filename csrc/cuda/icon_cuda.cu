@@ -1,4 +1,4 @@
-// ICON penalty on the GPU (SPEC §2): mean((x - φ_AB(φ_BA(x)))²) + mean((x - φ_BA(φ_AB(x)))²).
+// ICON penalty on the GPU (docs/conventions.md §2): mean((x - φ_AB(φ_BA(x)))²) + mean((x - φ_BA(φ_AB(x)))²).
 // Forward: one thread per (batch entry, point) evaluates both compositions; per-block partial
 // sums (double) reduced in a fixed order. Backward: one launch per composition (each with its
 // own stash, so that only one is live in registers), noise regenerated from the seed.

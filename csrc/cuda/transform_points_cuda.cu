@@ -1,4 +1,4 @@
-// Chain evaluation at points on the GPU: forward and reverse pass (SPEC §1). One thread per
+// Chain evaluation at points on the GPU: forward and reverse pass (docs/conventions.md §1). One thread per
 // (batch entry, point); the reverse pass recomputes the forward with its stash and scatters the
 // field gradients with atomics (cuda_common.cuh).
 #include <torch/library.h>

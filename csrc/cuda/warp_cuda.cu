@@ -1,4 +1,4 @@
-// Warping an image by a chain on the GPU: warped = sample(I, φ(id)) on a chosen grid (SPEC §1).
+// Warping an image by a chain on the GPU: warped = sample(I, φ(id)) on a chosen grid (docs/conventions.md §1).
 // One thread per (batch entry, grid point); the reverse pass recomputes φ with its stash,
 // scatters the image gradient (aggregated across the warp when the image is coarser than the
 // grid) and pulls the adjoint back through the chain (cuda_common.cuh).

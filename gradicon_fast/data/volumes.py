@@ -5,7 +5,7 @@ minimal private reader is used (nibabel for .nii/.nii.gz, SimpleITK for .nrrd/.n
 Either way arrays are indexed in ITK/NIfTI index order (i, j, k) (nibabel's ``get_fdata()``
 order, the reverse of ``sitk.GetArrayFromImage``), and ``spacing`` follows that order.
 
-Intensity presets (SPEC §5):
+Intensity presets (docs/conventions.md §5):
 
 - ``"lung_ct"``: HU clipped to [-1000, 0], scaled to [0, 1], multiplied by the lung mask when given;
 - ``"mri"``: the (0.5, 99.5) percentiles (``percentiles=``) mapped to 0 and 1, clipped;
@@ -13,7 +13,7 @@ Intensity presets (SPEC §5):
 
 Then the volume is resized to the network's shape by (bi/tri)linear interpolation with
 ``align_corners=True``: the first and last voxel centres stay where they are, which is the [0, 1]
-coordinate convention of the maps (SPEC §1), so a transform computed at the network's shape
+coordinate convention of the maps (docs/conventions.md §1), so a transform computed at the network's shape
 applies unchanged to the original volume. Label maps are resized with nearest-neighbour sampling.
 """
 

@@ -115,7 +115,7 @@ class DisplacementField:
         return self.geometry.map_to_physical(y)
 
     def jacobian_determinant(self) -> torch.Tensor:
-        """Jacobian determinant per grid cell (forward differences, SPEC §4), ``(*(S - 1))``.
+        """Jacobian determinant per grid cell (forward differences, docs/conventions.md §4), ``(*(S - 1))``.
 
         The determinant is invariant under the grid's affine change of coordinates, so it is the same in
         millimetres as in [0, 1] units.
@@ -241,7 +241,7 @@ def chain_to_field(chain: Sequence[torch.Tensor], geometry: Geometry, *, backend
 
 
 def warp_image(moving, field: DisplacementField, *, mode: str = "bilinear", backend: str | None = None):
-    """``moving`` resampled on ``field``'s grid: ``warped(p) = moving(p + u(p))`` (border-clamped, SPEC §1).
+    """``moving`` resampled on ``field``'s grid: ``warped(p) = moving(p + u(p))`` (border-clamped, docs/conventions.md §1).
 
     ``moving`` is an :class:`~gradicon_fast.io.image.Image` on any grid; the field's targets are
     converted to the moving grid's [0, 1] coordinates, so nothing is interpolated twice.

@@ -1,4 +1,4 @@
-"""Registration networks that return chains of displacement fields (SPEC §1, §5).
+"""Registration networks that return chains of displacement fields (docs/conventions.md §1, §5).
 
 Convention (the paper's): for a pair (A, B) = (moving, fixed), ``φ_AB`` maps the grid of B into A,
 so that ``A ∘ φ_AB ≈ B``: the warped moving image lives on the fixed image's grid. A chain
@@ -32,7 +32,7 @@ class RegistrationResult:
     """Both directions of a registration of the pair (A, B).
 
     ``chain_AB`` is φ_AB (B's grid → A: ``A ∘ φ_AB ≈ B``), ``chain_BA`` is φ_BA (``B ∘ φ_BA ≈ A``).
-    ``shape`` is the grid the network ran on. All coordinates are in [0, 1] units (SPEC §1), so a
+    ``shape`` is the grid the network ran on. All coordinates are in [0, 1] units (docs/conventions.md §1), so a
     result computed at the network's resolution applies unchanged to images of any resolution
     covering the same field of view.
     """

@@ -1,4 +1,4 @@
-"""The GradICON training objective (SPEC §3): ``λ·L_reg + sim(A∘φ_AB, B) + sim(B∘φ_BA, A)``.
+"""The GradICON training objective (docs/conventions.md §3): ``λ·L_reg + sim(A∘φ_AB, B) + sim(B∘φ_BA, A)``.
 
 All warping, chain evaluation and penalties go through the ``gradicon_fast`` ops (``gf.*``), on
 the backend given to the module (``None``: the current one, ``"auto"`` by default).

@@ -1,4 +1,4 @@
-"""Image similarity losses (SPEC §3): LNCC(σ), squared LNCC, MSE. Lower is better; all are scalars.
+"""Image similarity losses (docs/conventions.md §3): LNCC(σ), squared LNCC, MSE. Lower is better; all are scalars.
 
 ``G∗`` is a separable Gaussian blur: 1-D taps at ``x = -(k-1)/2 … (k-1)/2``, ``k = 4σ + 1``,
 weights ``exp(-x²/2σ²)`` normalised to sum 1, applied as a depthwise convolution along every
@@ -46,7 +46,7 @@ def gaussian_blur(x: Tensor, sigma: int) -> Tensor:
 
 
 def lncc(image_I: Tensor, image_J: Tensor, sigma: int = 5) -> Tensor:
-    """The local normalised cross-correlation map (B, C, *S) of SPEC §3."""
+    """The local normalised cross-correlation map (B, C, *S) of docs/conventions.md §3."""
     if image_I.shape != image_J.shape:
         raise ValueError(f"similarity: images must have the same shape, got {tuple(image_I.shape)} and "
                          f"{tuple(image_J.shape)}")

@@ -1,4 +1,4 @@
-"""The "tall U-Net" of the GradICON paper (SPEC §5), 2D or 3D, any input size.
+"""The "tall U-Net" of the GradICON paper (docs/conventions.md §5), 2D or 3D, any input size.
 
 Encoder (level i, channels C_i → C_{i+1}, one skip kept before each step)::
 

@@ -1,4 +1,4 @@
-"""Instance optimisation (SPEC §5): fine-tune all network weights on one pair at test time.
+"""Instance optimisation (docs/conventions.md §5): fine-tune all network weights on one pair at test time.
 
 Adam (lr 2e-5) for ``steps`` (default 50) steps of the full objective on the pair, with the
 network in eval mode (BatchNorm uses its running statistics); the registration of the pair is

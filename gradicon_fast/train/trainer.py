@@ -1,4 +1,4 @@
-"""Training loop for :class:`gradicon_fast.nn.GradICON` models (SPEC §5).
+"""Training loop for :class:`gradicon_fast.nn.GradICON` models (docs/conventions.md §5).
 
 Adam (lr 5e-5), gradient accumulation, on-the-fly augmentation, bf16 autocast of the U-Nets
 only (maps and losses stay float32), optional activation checkpointing, a tqdm bar, TensorBoard
