@@ -97,7 +97,8 @@ def _cmd_register(args) -> int:
 
     result = register_images(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, intensity=args.intensity,
                              settings=settings, model=model, io_iterations=args.io_iterations, backend=args.backend,
-                             device=device, progress=not args.quiet, log=lambda m: _say(args, m))
+                             device=device, progress=not args.quiet, log=lambda m: _say(args, m),
+                             default_value=args.default_value)
     if args.warped_out:
         io.write_image(args.warped_out, result.warped, what="--warped-out file")
     if args.transform_out:
@@ -165,7 +166,8 @@ def _cmd_warp(args) -> int:
     field = io.read_displacement_field(args.transform, reference.geometry, what="transform")
     if not args.nearest:
         moving = io.Image(moving.array.astype("float32"), moving.geometry)
-    warped = io.warp_image(moving, field, mode="nearest" if args.nearest else "bilinear", backend=args.backend)
+    warped = io.warp_image(moving, field, mode="nearest" if args.nearest else "bilinear",
+                           default_value=args.default_value, backend=args.backend)
     io.write_image(args.out, warped, what="--out file")
     _say(args, f"wrote {args.out} ({reference.geometry.describe()}, {'nearest' if args.nearest else 'linear'})")
     return 0
@@ -287,6 +289,12 @@ def _add_common(p, *, backend=True, threads=False):
     p.add_argument("-q", "--quiet", action="store_true", help="print only results and errors; no progress bars")
 
 
+def _add_default_value(p):
+    p.add_argument("--default-value", type=float, default=0.0, metavar="V",
+                   help="value of the points that fall outside the moving image (default 0, as ITK/ANTs give when "
+                   "they apply the transform); see docs/conventions.md §7")
+
+
 def _set_threads(args) -> None:
     """``--threads N``, or by default one thread when the machine is already busy.
 
@@ -331,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-mask", metavar="MASK", help="mask of the fixed image (voxels > 0; same grid)")
     p.add_argument("--moving-mask", metavar="MASK", help="mask of the moving image (voxels > 0; same grid)")
     p.add_argument("--warped-out", metavar="W", help="moving image resampled on the fixed grid (.nii.gz, .nrrd, .mha)")
+    _add_default_value(p)
     p.add_argument("--transform-out", metavar="T", help="fixed→moving displacement field: .nii.gz (ANTs-style "
                    "vector NIfTI, LPS mm), .nrrd/.mha, or .h5 (ITK DisplacementFieldTransform)")
     p.add_argument("--inverse-transform-out", metavar="T_INV", help="moving→fixed displacement field, on the moving "
@@ -365,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "transform file (.h5/.tfm/.txt/.mat)")
     p.add_argument("--reference", required=True, metavar="F", help="image whose grid the output takes")
     p.add_argument("--out", required=True, metavar="W", help="output image (.nii.gz, .nrrd, .mha)")
+    _add_default_value(p)
     p.add_argument("--nearest", action="store_true", help="nearest-neighbour interpolation (label maps); keeps the "
                    "voxel type")
     _add_common(p)

@@ -327,7 +327,9 @@ def run_demo(out_dir: str = "demo_output", *, size: int = 128, seed: int = 0, ba
     field_ = io.DisplacementField.from_map_displacement(disp, pair.geometry)
     io.write_image(os.path.join(out_dir, "fixed.nii.gz"), pair.image("fixed"))
     io.write_image(os.path.join(out_dir, "moving.nii.gz"), pair.image("moving"))
-    io.write_image(os.path.join(out_dir, "warped.nii.gz"), Image.from_tensor(warped, pair.geometry))
+    # the written warped image is resampled as ITK/ANTs apply transform.nii.gz (0 outside the moving
+    # image, docs/conventions.md §7); the figure shows the border-clamped warp the loss saw
+    io.write_image(os.path.join(out_dir, "warped.nii.gz"), io.warp_image(pair.image("moving"), field_))
     io.write_image(os.path.join(out_dir, "fixed_labels.nii.gz"), pair.image("fixed_labels"))
     io.write_image(os.path.join(out_dir, "moving_labels.nii.gz"), pair.image("moving_labels"))
     io.write_displacement_field(os.path.join(out_dir, "transform.nii.gz"), field_)

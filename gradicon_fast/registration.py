@@ -341,7 +341,8 @@ def _prepare(image, preset: str, mask: np.ndarray | None) -> np.ndarray:
 def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, moving_mask: np.ndarray | None = None,
                     intensity: str = "auto", settings: RegistrationSettings | None = None,
                     model=None, io_iterations: int = 50, backend: str | None = None, device: str | None = None,
-                    progress: bool = False, log: Callable[[str], None] | None = None) -> ImageRegistration:
+                    progress: bool = False, log: Callable[[str], None] | None = None,
+                    default_value: float = 0.0) -> ImageRegistration:
     """Register ``moving`` to ``fixed`` (:class:`~gradicon_fast.io.Image` s on any grids, physical space).
 
     Intensities are normalised (``intensity`` preset per image, see :func:`gradicon_fast.io.normalize_intensity`),
@@ -350,7 +351,9 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
     ``model``, the fields are optimised directly (:func:`register`); with a
     :class:`gradicon_fast.nn.GradICON` ``model``, the network registers the pair at its input shape
     after ``io_iterations`` steps of instance optimisation. Both give chains in the fixed grid's
-    [0, 1] coordinates, evaluated here at full resolution.
+    [0, 1] coordinates, evaluated here at full resolution. ``warped`` is the moving image resampled
+    as ITK/ANTs resample it with ``forward``: ``default_value`` where a point falls outside the moving
+    image (docs/conventions.md §7).
     """
     from . import io
 
@@ -369,7 +372,9 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
         raise io.InputError(f"the moving image does not overlap the fixed image in physical space ({overlap:.1%} of "
                             f"the fixed grid lies inside the moving image): check the images' origin and direction")
     identity = io.DisplacementField(np.zeros((*fixed.shape, fixed.ndim)), fixed.geometry)
-    moving_on_fixed = io.warp_image(io.Image(moving_array, moving.geometry), identity, backend=cpu_backend).array
+    # border-clamped, as the loss samples its images (docs/conventions.md §7)
+    moving_on_fixed = io.warp_image(io.Image(moving_array, moving.geometry), identity, default_value=None,
+                                    backend=cpu_backend).array
     b = torch.from_numpy(np.ascontiguousarray(fixed_array))[None, None].float().to(device)
     a = torch.from_numpy(np.ascontiguousarray(moving_on_fixed))[None, None].float().to(device)
     for name, t in (("fixed", b), ("moving", a)):
@@ -404,7 +409,7 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
                                    backend=cpu_backend)[0].movedim(0, -1)
     inverse = io.DisplacementField.from_target_points(fixed.geometry.map_to_physical(targets.double().numpy()),
                                                       moving.geometry)
-    warped = io.warp_image(moving, forward, backend=cpu_backend)
+    warped = io.warp_image(moving, forward, default_value=default_value, backend=cpu_backend)
     seconds = time.perf_counter() - start
     return ImageRegistration(forward, inverse, warped, chain_ab, chain_ba, folds, seconds, method, details)
 

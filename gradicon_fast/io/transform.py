@@ -240,29 +240,44 @@ def chain_to_field(chain: Sequence[torch.Tensor], geometry: Geometry, *, backend
     return DisplacementField.from_map_displacement(disp, geometry)
 
 
-def warp_image(moving, field: DisplacementField, *, mode: str = "bilinear", backend: str | None = None):
-    """``moving`` resampled on ``field``'s grid: ``warped(p) = moving(p + u(p))`` (border-clamped, docs/conventions.md §1).
+def warp_image(moving, field: DisplacementField, *, mode: str = "bilinear", default_value: float | None = 0.0,
+               backend: str | None = None):
+    """``moving`` resampled on ``field``'s grid: ``warped(p) = moving(p + u(p))``, as ITK/ANTs apply ``field``.
 
     ``moving`` is an :class:`~gradicon_fast.io.image.Image` on any grid; the field's targets are
-    converted to the moving grid's [0, 1] coordinates, so nothing is interpolated twice.
-    ``mode="nearest"`` is for label maps (the output keeps the input's dtype); linear interpolation
-    gives float32.
+    converted to the moving grid's continuous indices, so nothing is interpolated twice. A target
+    outside the moving image (beyond half a voxel past its first or last voxel centre on some axis)
+    gets ``default_value``, as in ``sitk.Resample`` and ``antsApplyTransforms`` with their default
+    pixel value 0; ``default_value=None`` clamps to the border instead, as the training-time
+    ``sample`` does (docs/conventions.md §7). ``mode="nearest"`` is for label maps (the output keeps
+    the input's dtype; rounding half up, as ITK); linear interpolation gives float32.
     """
     from .. import functional as gfn
     from .. import reference
     from .image import Image
+    from .itk_sampling import default_value_of_type, inside_image, nearest_voxels
 
     if moving.ndim != field.geometry.ndim:
         raise InputError(f"the moving image is {moving.ndim}D but the transform is {field.geometry.ndim}D")
-    targets = moving.geometry.physical_to_map(field.target_points())  # (*S, d) in moving [0, 1] units
-    coords = torch.as_tensor(targets, dtype=torch.float32).movedim(-1, 0)[None]
-    shape = field.geometry.shape
-    disp = coords - reference.identity_map(shape)
-    original_dtype = moving.array.dtype
-    warped = gfn.warp(moving.tensor(dtype=torch.float32), [disp.contiguous()], shape=shape, mode=mode,
-                      backend=backend)
-    out = warped[0, 0].numpy()
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+    out_dtype = moving.array.dtype if mode == "nearest" else np.dtype(np.float32)
+    fill = None if default_value is None else default_value_of_type(float(default_value), out_dtype,
+                                                                     what="default value")
+    index = moving.geometry.physical_to_index(field.target_points())  # (*S, d) continuous indices, float64
+    finite = np.all(np.isfinite(index), axis=-1)
     if mode == "nearest":
-        out = np.rint(out).astype(original_dtype) if np.issubdtype(original_dtype, np.integer) \
-            else out.astype(original_dtype, copy=False)
+        out = moving.array[nearest_voxels(index, moving.shape)]
+        if not finite.all():
+            if not np.issubdtype(out_dtype, np.floating):
+                raise InputError(f"the transform maps {int((~finite).sum())} voxel(s) to non-finite points")
+            out[~finite] = np.nan
+    else:
+        shape = field.geometry.shape
+        coords = torch.as_tensor(index / moving.geometry.map_scale, dtype=torch.float32).movedim(-1, 0)[None]
+        disp = (coords - reference.identity_map(shape)).contiguous()
+        warped = gfn.warp(moving.tensor(dtype=torch.float32), [disp], shape=shape, backend=backend)
+        out = warped[0, 0].numpy()  # non-finite targets give NaN there
+    if fill is not None:
+        out[finite & ~inside_image(index, moving.shape)] = fill
     return Image(out, field.geometry)
