@@ -60,8 +60,8 @@ def test_float32_paths_match_reference(path, case, rng, monkeypatch):
         loss = gf.gradicon_loss(ab, ba, shape=shape, stride=stride, noise=noise, backend=backend)
         return loss.detach(), torch.autograd.grad(loss, ab + ba)
 
-    check_fd(_run(path, monkeypatch, lambda: penalty("cpu")), penalty("torch"), ab + ba, path, n_ab=len(ab),
-             shape=shape, stride=stride, noise=noise)
+    check_fd(_run(path, monkeypatch, lambda: penalty("cpu")), ab + ba, path, n_ab=len(ab), shape=shape,
+             stride=stride, noise=noise)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -79,8 +79,8 @@ def test_shifted_points_crossing_cells(path, delta, rng, monkeypatch):
         loss = gf.gradicon_loss(ab, ba, shape=shape, stride=stride, noise=noise, delta=delta, backend=backend)
         return loss.detach(), torch.autograd.grad(loss, ab + ba)
 
-    check_fd(_run(path, monkeypatch, lambda: penalty("cpu")), penalty("torch"), ab + ba, path, n_ab=2, shape=shape,
-             stride=stride, noise=noise, delta=delta)
+    check_fd(_run(path, monkeypatch, lambda: penalty("cpu")), ab + ba, path, n_ab=2, shape=shape, stride=stride,
+             noise=noise, delta=delta)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -90,17 +90,11 @@ def test_seeded_noise_is_regenerated_in_backward(path, rng, monkeypatch):
     ba = _random_chain(rng, [(10, 11, 9)], 2, d, 0.05)
     seed = int(torch.randint(0, 2**62, (1,), generator=rng))
     noise = ops.normal_noise(seed, d, R.loss_points_shape(shape, stride))
-    expected = R.gradicon_loss(ab, ba, shape=shape, stride=stride, noise=noise)
-    expected_grads = torch.autograd.grad(expected, ab + ba)
-
     def fused():
         loss = ops.gradicon_loss(ab, ba, shape, stride, None, seed, 1e-3, stride / shape[-1])
-        return loss, torch.autograd.grad(loss, ab + ba)
+        return loss.detach(), torch.autograd.grad(loss, ab + ba)
 
-    loss, grads = _run(path, monkeypatch, fused)
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
-    for got, want in zip(grads, expected_grads):
-        assert torch.linalg.vector_norm(got - want) <= 1e-3 * torch.linalg.vector_norm(want)
+    check_fd(_run(path, monkeypatch, fused), ab + ba, path, n_ab=2, shape=shape, stride=stride, noise=noise)
 
 
 def test_paths_agree_with_each_other(rng, monkeypatch):

@@ -159,17 +159,11 @@ def test_seeded_penalties_equal_reference_with_that_noise(rng, d, dtype, fused, 
         points_shape = R.loss_points_shape(shape, stride)
         noise = normal_noise(seed, d, points_shape, dtype=dtype)
         k = len(ab)
-        got, expected = {}, {}
-        for key, fn in (
-            ("cpu", lambda xs: ops.gradicon_loss(xs[:k], xs[k:], shape, stride, None, seed, 1e-3, noise_scale)),
-            ("ref", lambda xs: R.gradicon_loss(xs[:k], xs[k:], shape=shape, stride=stride, noise=noise,
-                                               noise_scale=noise_scale)),
-        ):
-            xs = leaves(ab + ba)
-            loss = fn(xs)
-            (got if key == "cpu" else expected)[key] = (loss.detach(), torch.autograd.grad(loss, xs))
-        check_fd(got["cpu"], expected["ref"], ab + ba, f"seeded gradicon stride={stride}", n_ab=k, shape=shape,
-                 stride=stride, noise=noise, noise_scale=noise_scale)
+        xs = leaves(ab + ba)
+        loss = ops.gradicon_loss(xs[:k], xs[k:], shape, stride, None, seed, 1e-3, noise_scale)
+        # against the float64 penalty given the noise that normal_noise draws for the seed
+        check_fd((loss.detach(), torch.autograd.grad(loss, xs)), ab + ba, f"seeded gradicon stride={stride}", n_ab=k,
+                 shape=shape, stride=stride, noise=noise, noise_scale=noise_scale)
     # ICON
     seed = fresh_seed(rng)
     noise = normal_noise(seed, d, shape, dtype=dtype)
