@@ -25,6 +25,21 @@ def check_float_tensor(name: str, t, *, ndim: int | None = None) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions (B, C, *spatial), got shape {tuple(t.shape)}")
 
 
+def check_batch_dimension(name: str, field: Tensor, d: int | None = None) -> None:
+    """A ``(d, *S)`` field given without its batch dimension would be read as ``(B, C, *S)`` and be
+    reported for its channel count; say what is wrong instead. ``d``: the dimensionality, if known."""
+    if d is None:
+        unbatched = field.ndim in (3, 4) and field.shape[0] == field.ndim - 1 \
+            and not (field.ndim == 4 and field.shape[1] == 2)  # (B, 2, H, W) is a batch of 2D fields
+        d = field.ndim - 1
+    else:
+        unbatched = field.ndim == d + 1 and field.shape[0] == d
+    if unbatched:
+        raise ValueError(f"{name} has shape {tuple(field.shape)}: the batch dimension is missing (expected "
+                         f"(B, d, *S), here (1, {', '.join(map(str, field.shape))}) for one {d}D field: "
+                         f"add it with {name}[None])")
+
+
 def check_chain(name: str, chain: Sequence[Tensor]) -> tuple[int, int]:
     """Check a chain of displacement fields; return (dimensionality d, broadcast batch size)."""
     if isinstance(chain, torch.Tensor):
@@ -39,12 +54,14 @@ def check_chain(name: str, chain: Sequence[Tensor]) -> tuple[int, int]:
         raise ValueError(f"{name} has {len(chain)} fields; at most {MAX_CHAIN} are supported")
     first = chain[0]
     check_float_tensor(f"{name}[0]", first)
+    check_batch_dimension(f"{name}[0]", first)
     d = first.ndim - 2
     if d not in (2, 3):
         raise ValueError(f"{name}[0] must be (B, d, *spatial) with d = 2 or 3 spatial axes, got shape {tuple(first.shape)}")
     batch = 1
     for i, field in enumerate(chain):
         check_float_tensor(f"{name}[{i}]", field)
+        check_batch_dimension(f"{name}[{i}]", field, d)
         if field.ndim != d + 2:
             raise ValueError(f"{name}[{i}] has {field.ndim - 2} spatial axes but {name}[0] has {d}: "
                              f"a chain must be all 2D or all 3D")
@@ -134,6 +151,7 @@ def check_positive(name: str, value) -> float:
 
 def check_map(name: str, phi) -> int:
     check_float_tensor(name, phi)
+    check_batch_dimension(name, phi)
     d = phi.ndim - 2
     if d not in (2, 3) or phi.shape[1] != d:
         raise ValueError(f"{name} must be a map (B, d, *spatial) with d = 2 or 3 channels, got shape {tuple(phi.shape)}")

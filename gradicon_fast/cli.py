@@ -58,6 +58,8 @@ def _cmd_register(args) -> int:
                ("--transform-out", args.transform_out, io.FIELD_IMAGE_SUFFIXES + io.TRANSFORM_FILE_SUFFIXES),
                ("--inverse-transform-out", args.inverse_transform_out,
                 io.FIELD_IMAGE_SUFFIXES + io.TRANSFORM_FILE_SUFFIXES)]
+    if all(path is None for _, path, _ in outputs):
+        raise UsageError("no output requested: give --warped-out, --transform-out and/or --inverse-transform-out")
     for option, path, suffixes in outputs:  # fail before the long computation
         if path is not None:
             io.check_writable(path, what=f"{option} file", suffixes=suffixes)
@@ -71,6 +73,9 @@ def _cmd_register(args) -> int:
 
     fixed = io.read_image(args.fixed, what="fixed image")
     moving = io.read_image(args.moving, what="moving image")
+    if args.nan_value is not None:
+        fixed = _nan_value_applied(args, fixed, "fixed")
+        moving = _nan_value_applied(args, moving, "moving")
     if fixed.ndim != moving.ndim:
         raise io.InputError(f"the fixed image is {fixed.ndim}D but the moving image is {moving.ndim}D")
     fixed_mask = io.read_mask(args.fixed_mask, fixed, what="fixed mask") if args.fixed_mask else None
@@ -99,20 +104,30 @@ def _cmd_register(args) -> int:
                              settings=settings, model=model, io_iterations=args.io_iterations, backend=args.backend,
                              device=device, progress=not args.quiet, log=lambda m: _say(args, m),
                              default_value=args.default_value)
-    if args.warped_out:
-        io.write_image(args.warped_out, result.warped, what="--warped-out file")
-    if args.transform_out:
-        io.write_displacement_field(args.transform_out, result.forward, what="--transform-out file")
-    if args.inverse_transform_out:
-        io.write_displacement_field(args.inverse_transform_out, result.inverse, what="--inverse-transform-out file")
+    with io.output_group():  # every output, or (when one cannot be written) none of them
+        if args.warped_out:
+            io.write_image(args.warped_out, result.warped, what="--warped-out file")
+        if args.transform_out:
+            io.write_displacement_field(args.transform_out, result.forward, what="--transform-out file")
+        if args.inverse_transform_out:
+            io.write_displacement_field(args.inverse_transform_out, result.inverse,
+                                        what="--inverse-transform-out file")
     print(f"registered ({result.method}) in {result.seconds:.1f} s; folds: {result.fold_percentage:.4f} % of cells",
           flush=True)
     for option, path, _ in outputs:
         if path is not None:
             _say(args, f"wrote {path}")
-    if not any(p for _, p, _ in outputs):
-        _say(args, "(no output requested: give --warped-out and/or --transform-out)")
     return 0
+
+
+def _nan_value_applied(args, image, name: str):
+    """``image`` with its NaN/infinite voxels set to ``--nan-value`` (said when there were any)."""
+    from . import io
+
+    image, count = io.replace_nonfinite(image, args.nan_value)
+    if count:
+        _say(args, f"{name} image: {count} NaN/infinite voxel(s) set to {args.nan_value:g} (--nan-value)")
+    return image
 
 
 def _device(name: str | None) -> str:
@@ -144,7 +159,9 @@ def _load_model(path: str, device: str, backend: str | None):
         raise UsageError(_network_layer_missing("register --model")) from None
     try:
         model = load_model(path, map_location=device, backend=backend)
-    except Exception as e:  # torch.load / state-dict errors come in many types
+    except InputError:  # not a readable checkpoint at all: load_model's message says so
+        raise
+    except Exception as e:  # config / state-dict errors come in many types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load model checkpoint {path!r}: {first}") from None
     return model.to(device)
@@ -320,6 +337,17 @@ def _set_threads(args) -> None:
         _say(args, f"(the machine is busy: load {load:.1f} on {cores} cores; using 1 thread, --threads to override)")
 
 
+def _end_now_after_hdf5_failure(status: int) -> None:
+    """After HDF5 failed to write a transform file (reported already), end the process here: HDF5's own
+    exit handler would fail to close that file again, with a page of diagnostics or a crash."""
+    from .io.transform import hdf5_write_failed
+
+    if hdf5_write_failed():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradicon-fast", description="GradICON registration: register, warp, inspect, train.",
                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -347,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intensity", choices=("auto", "ct", "mri", "minmax", "none"), default="auto",
                    help="intensity normalisation of both images: ct = window [-1000, 0] HU, mri = percentiles "
                    "0.5-99.5, auto = ct if the image looks like HU (default)")
+    p.add_argument("--nan-value", type=float, metavar="V", help="replace NaN and infinite voxels of both images with "
+                   "V (default: such voxels are an error)")
     p.add_argument("--model", metavar="CKPT", help="trained network checkpoint (gradicon_fast.nn.save_model / "
                    "training output)")
     p.add_argument("--io-iterations", type=int, default=None, metavar="N",
@@ -433,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    as_program = argv is None  # the process's entry point (called with arguments: from Python code)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv[:1] == ["bench"]:
@@ -461,6 +492,8 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except InputError as e:
         _stderr(f"{prog}: error: {e}")
+        if as_program:
+            _end_now_after_hdf5_failure(EXIT_INPUT)
         return EXIT_INPUT
     except KeyboardInterrupt:
         _stderr(f"{prog}: interrupted")

@@ -273,9 +273,21 @@ def save_figure(path: str, pair: SyntheticPair, warped: torch.Tensor, phi: torch
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    with atomic_output(path, what="figure") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        with atomic_output(path, what="figure", verify=_check_png_complete) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+
+
+def _check_png_complete(path: str) -> None:
+    """A PNG ends with its IEND chunk; a file cut short does not."""
+    from .io.errors import IncompleteOutput
+
+    with open(path, "rb") as f:
+        f.seek(max(os.path.getsize(path) - 12, 0))
+        if f.read() != b"\x00\x00\x00\x00IEND\xaeB`\x82":
+            raise IncompleteOutput("the PNG file is incomplete")
 
 
 def run_demo(out_dir: str = "demo_output", *, size: int = 128, seed: int = 0, backend: str | None = None,
@@ -325,6 +337,16 @@ def run_demo(out_dir: str = "demo_output", *, size: int = 128, seed: int = 0, ba
     say(f"time: {result.seconds:.1f} s registration ({built:.1f} s to build the pair)")
 
     field_ = io.DisplacementField.from_map_displacement(disp, pair.geometry)
+    with io.output_group():  # all the demo's files, or none
+        _write_outputs(out_dir, pair, warped, field_, phi, jacobian, metrics, folds, result.seconds)
+    say(f"wrote {os.path.join(out_dir, 'demo.png')}, metrics.json and the images/transform (NIfTI) to {out_dir}/")
+    return metrics
+
+
+def _write_outputs(out_dir, pair, warped, field_, phi, jacobian, metrics, folds, seconds) -> None:
+    from . import io
+    from .io.output import write_json
+
     io.write_image(os.path.join(out_dir, "fixed.nii.gz"), pair.image("fixed"))
     io.write_image(os.path.join(out_dir, "moving.nii.gz"), pair.image("moving"))
     # the written warped image is resampled as ITK/ANTs apply transform.nii.gz (0 outside the moving
@@ -335,10 +357,6 @@ def run_demo(out_dir: str = "demo_output", *, size: int = 128, seed: int = 0, ba
     io.write_displacement_field(os.path.join(out_dir, "transform.nii.gz"), field_)
     title = (f"Dice {metrics['dice_before']:.3f} → {metrics['dice_after']:.3f}   landmark error "
              f"{metrics['landmark_error_mm_before']:.2f} → {metrics['landmark_error_mm_after']:.2f} mm   "
-             f"folds {folds:.4f} %   {result.seconds:.1f} s")
+             f"folds {folds:.4f} %   {seconds:.1f} s")
     save_figure(os.path.join(out_dir, "demo.png"), pair, warped, phi, jacobian, title)
-    with io.atomic_output(os.path.join(out_dir, "metrics.json"), what="metrics") as tmp:
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=2)
-    say(f"wrote {os.path.join(out_dir, 'demo.png')}, metrics.json and the images/transform (NIfTI) to {out_dir}/")
-    return metrics
+    write_json(os.path.join(out_dir, "metrics.json"), metrics, what="metrics")

@@ -85,8 +85,9 @@ def warp(image: Tensor, chain: Sequence[Tensor], *, shape: Sequence[int] | None 
     d, batch = V.check_chain("chain", chain)
     V.check_float_tensor("image", image)
     if image.ndim != d + 2:
+        missing = " (the batch dimension is missing: add it with image[None])" if image.ndim == d + 1 else ""
         raise ValueError(f"image must be (B, C, *spatial) with {d} spatial axes like the chain, got shape "
-                         f"{tuple(image.shape)}")
+                         f"{tuple(image.shape)}{missing}")
     V.check_same_device_dtype("image", image, "chain[0]", chain[0])
     V.merge_batch(batch, image.shape[0], "image")
     shape = tuple(image.shape[2:]) if shape is None else V.check_shape("shape", shape, d)

@@ -361,6 +361,8 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
     cpu_backend = backend if backend in ("cpu", "torch") else None  # for the full-resolution steps on the CPU
     if fixed.ndim != moving.ndim:
         raise io.InputError(f"the fixed image is {fixed.ndim}D but the moving image is {moving.ndim}D")
+    io.check_finite(fixed, "fixed image")
+    io.check_finite(moving, "moving image")
     device = torch.device(device or "cpu")
     start = time.perf_counter()
     fixed_array = _prepare(fixed, intensity, fixed_mask)

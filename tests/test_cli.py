@@ -268,12 +268,14 @@ def test_unknown_option_and_missing_arguments(pair_files, tmp_path, capsys):
     assert "unrecognized arguments" in line
     one_line_error(InProcess(capsys, "warp", "--moving", pair_files["moving"]), "required", status=2)
     one_line_error(InProcess(capsys, "no-such-command"), "invalid choice", status=2)
-    one_line_error(InProcess(capsys, "register", "--fixed", pair_files["fixed"], "--moving", pair_files["moving"],
-                             "--io-iterations", "5"), "--model", status=2)
-    one_line_error(InProcess(capsys, "register", "--fixed", pair_files["fixed"], "--moving", pair_files["moving"],
-                             "--iterations", "5"), "--iterations", status=2)
     out = tmp_path / "out"
     out.mkdir()
+    one_line_error(InProcess(capsys, "register", "--fixed", pair_files["fixed"], "--moving", pair_files["moving"],
+                             "--io-iterations", "5", "--warped-out", out / "w.nii.gz"), "--model", status=2)
+    one_line_error(InProcess(capsys, "register", "--fixed", pair_files["fixed"], "--moving", pair_files["moving"],
+                             "--iterations", "5", "--warped-out", out / "w.nii.gz"), "--iterations", status=2)
+    one_line_error(InProcess(capsys, "register", "--fixed", pair_files["fixed"], "--moving", pair_files["moving"]),
+                   "no output requested", status=2)
     one_line_error(InProcess(capsys, "register", "--fixed", pair_files["fixed"], "--moving", pair_files["moving"],
                              "--model", pair_files["garbage"], "--warped-out", out / "w.nii.gz"),
                    "model checkpoint", status=1)

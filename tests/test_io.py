@@ -123,11 +123,18 @@ def test_read_errors_are_input_errors(tmp_path):
 
 def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.nii.gz"
-    with pytest.raises(RuntimeError):
+    # a writer's failure (SimpleITK raises RuntimeError) becomes one line naming the file
+    with pytest.raises(io.OutputError, match=r"cannot write output '.*out\.nii\.gz': interrupted"):
         with io.atomic_output(target) as tmp:
             with open(tmp, "wb") as f:
                 f.write(b"partial")
             raise RuntimeError("interrupted")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(KeyError):  # other errors (a bug in the body) pass through unchanged
+        with io.atomic_output(target) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"partial")
+            raise KeyError("bug")
     assert os.listdir(tmp_path) == []
     with pytest.raises(io.InputError, match="unsupported file type"):
         io.write_image(tmp_path / "out.png", io.Image(np.zeros((4, 4, 4), np.float32), io.Geometry.isotropic((4, 4, 4))))

@@ -128,6 +128,17 @@ PUBLIC_CASES = [
     ("compose shape of wrong length", lambda b: gf.compose([field()], (4, 5, 6), backend=b), ValueError, r"shape"),
     ("shape not ints", lambda b: gf.gradicon_loss([field()], [field()], shape=(4.0, 5.0), backend=b),
      TypeError, r"shape"),
+    # a field or image without its batch dimension: said so, not reported for its channel count
+    ("3D field without batch", lambda b: gf.compose([field(shape=(4, 5, 6))[0]], (4, 5, 6), backend=b),
+     ValueError, r"chain\[0\] has shape \(3, 4, 5, 6\): the batch dimension is missing"),
+    ("2D field without batch", lambda b: gf.gradicon_loss([field()[0]], [field()], shape=(4, 5), backend=b),
+     ValueError, r"chain_AB\[0\] has shape \(2, 4, 5\): the batch dimension is missing"),
+    ("later field without batch", lambda b: gf.compose([field(), field()[0]], (4, 5), backend=b),
+     ValueError, r"chain\[1\] .*batch dimension is missing"),
+    ("map without batch", lambda b: gf.jacobian_determinant(field(shape=(4, 5, 6))[0]),
+     ValueError, r"phi .*batch dimension is missing"),
+    ("image without batch", lambda b: gf.warp(image()[0], [field()], backend=b),
+     ValueError, r"image .*batch dimension is missing"),
     # other scalars
     ("delta 0", lambda b: gf.gradicon_loss([field()], [field()], shape=(4, 5), delta=0.0, backend=b),
      ValueError, r"delta"),

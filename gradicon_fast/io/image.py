@@ -14,41 +14,30 @@ map in [0, 1] units is ``index_k / (shape_k - 1)``.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from .errors import IncompleteOutput, InputError, OutputError
+from .nifti_checks import check_nifti_complete, restore_nifti_nonfinite
+from .output import atomic_output, check_output_path, suffix_of
+
 __all__ = [
-    "Geometry", "Image", "InputError", "atomic_output", "normalize_intensity", "read_image", "read_mask",
-    "write_image", "WRITABLE_IMAGE_SUFFIXES",
+    "Geometry", "Image", "InputError", "OutputError", "atomic_output", "check_finite", "normalize_intensity",
+    "read_image", "read_mask", "replace_nonfinite", "write_image", "WRITABLE_IMAGE_SUFFIXES",
 ]
 
 # Single-file formats, so a write can go to a temporary file and be renamed into place.
 WRITABLE_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 
 
-class InputError(ValueError):
-    """A problem with the user's inputs (file, option, shape): reported as one line by the CLI."""
-
-
 def _sitk():
     import SimpleITK as sitk
 
     return sitk
-
-
-def suffix_of(path: str | os.PathLike) -> str:
-    """The file-type suffix: ``.nii.gz`` for ``a.nii.gz``, ``.nrrd`` for ``a.nrrd`` (lower case)."""
-    name = os.path.basename(os.fspath(path)).lower()
-    for double in (".nii.gz", ".hdr.gz", ".img.gz"):
-        if name.endswith(double):
-            return double
-    return os.path.splitext(name)[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,6 +245,8 @@ def read_image(path, *, what: str = "image", dtype=np.float32) -> Image:
         raise InputError(f"{what} {os.fspath(path)!r} has a size of {img.GetSize()}: every axis needs at least "
                          f"2 voxels")
     array = np.transpose(sitk.GetArrayFromImage(img))
+    if suffix_of(path) in (".nii", ".nii.gz"):
+        restore_nifti_nonfinite(os.fspath(path), array)
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     try:
@@ -267,52 +258,44 @@ def read_image(path, *, what: str = "image", dtype=np.float32) -> Image:
     return Image(np.ascontiguousarray(array), geometry, path=os.fspath(path))
 
 
-@contextlib.contextmanager
-def atomic_output(path, *, what: str = "output") -> Iterator[str]:
-    """Yield a temporary path next to ``path`` with the same suffix; rename it onto ``path`` on success.
-
-    On any error the temporary file is removed, so no partial output is ever left behind.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise InputError(f"cannot write {what} {path!r}: directory {directory!r} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise InputError(f"cannot write {what} {path!r}: directory {directory!r} is not writable")
-    if os.path.isdir(path):
-        raise InputError(f"cannot write {what} {path!r}: it is a directory")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", suffix=suffix_of(path),
-                               dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def check_writable(path, *, what: str = "output", suffixes: Sequence[str] = WRITABLE_IMAGE_SUFFIXES) -> None:
     """Fail early (before any long computation) if ``path`` cannot be written as one of ``suffixes``."""
     path = os.fspath(path)
     if suffix_of(path) not in suffixes:
         raise InputError(f"cannot write {what} {path!r}: unsupported file type {suffix_of(path) or '(none)'!r}; "
                          f"use one of {', '.join(suffixes)}")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise InputError(f"cannot write {what} {path!r}: directory {directory!r} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise InputError(f"cannot write {what} {path!r}: directory {directory!r} is not writable")
-    if os.path.isdir(path):
-        raise InputError(f"cannot write {what} {path!r}: it is a directory")
+    check_output_path(path, what)
 
 
-def write_sitk(img, path, *, what: str = "output", compress: bool = True) -> None:
-    """Write a SimpleITK image atomically (temporary file in the same directory, then rename)."""
+def verify_image_file(path: str, img) -> None:
+    """Check that ``path`` holds all of SimpleITK image ``img``: the header read back gives its size and
+    components; a NIfTI file has all its voxel bytes, other formats (whose readers detect a short file)
+    are read back whole."""
     sitk = _sitk()
-    check_writable(path, what=what)
-    with atomic_output(path, what=what) as tmp:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    nifti = suffix_of(path) in (".nii", ".nii.gz")
+    if nifti:
+        check_nifti_complete(path)
+    try:
+        reader.ReadImageInformation()
+        if not nifti:
+            reader.Execute()
+    except RuntimeError:
+        raise IncompleteOutput("the file read back is incomplete or damaged") from None
+    size, extra = reader.GetSize()[:img.GetDimension()], reader.GetSize()[img.GetDimension():]
+    if size != img.GetSize() or any(n != 1 for n in extra) \
+            or reader.GetNumberOfComponents() != img.GetNumberOfComponentsPerPixel():
+        raise IncompleteOutput(f"the file read back has size {reader.GetSize()} with {reader.GetNumberOfComponents()} "
+                               f"component(s), not {img.GetSize()} with {img.GetNumberOfComponentsPerPixel()}")
+
+
+def write_sitk(img, path, *, what: str = "output", compress: bool = True,
+               suffixes: Sequence[str] = WRITABLE_IMAGE_SUFFIXES) -> None:
+    """Write a SimpleITK image crash-safely (temporary file in the same directory, checked, then renamed)."""
+    sitk = _sitk()
+    check_writable(path, what=what, suffixes=suffixes)
+    with atomic_output(path, what=what, verify=lambda tmp: verify_image_file(tmp, img)) as tmp:
         sitk.WriteImage(img, tmp, compress and suffix_of(path) != ".nii")
 
 
@@ -333,6 +316,29 @@ def guess_modality(array: np.ndarray) -> str:
     """'ct' if the image looks like Hounsfield units (air near -1000), else 'mri'."""
     low = float(np.percentile(array, 1)) if array.size else 0.0
     return "ct" if low < -500 else "mri"
+
+
+def check_finite(image: Image, what: str = "image") -> None:
+    """Fail with a message of its own when ``image`` holds NaN or infinite voxels: the intensity presets
+    and the similarity cannot use them (a NaN image would otherwise look "constant")."""
+    bad = int(np.count_nonzero(~np.isfinite(image.array))) if np.issubdtype(image.array.dtype, np.floating) else 0
+    if bad:
+        name = f"{what} {image.path!r}" if image.path else what
+        raise InputError(f"{name} has {bad} NaN or infinite voxel(s) of {image.array.size}: fix the file or "
+                         f"replace them with a value (gradicon-fast register --nan-value V)")
+
+
+def replace_nonfinite(image: Image, value: float) -> tuple[Image, int]:
+    """``image`` with its NaN and infinite voxels set to ``value``, and how many there were."""
+    if not np.issubdtype(image.array.dtype, np.floating):
+        return image, 0
+    bad = ~np.isfinite(image.array)
+    count = int(np.count_nonzero(bad))
+    if not count:
+        return image, 0
+    array = image.array.copy()
+    array[bad] = value
+    return Image(array, image.geometry, path=image.path), count
 
 
 def normalize_intensity(array: np.ndarray, preset: str = "auto", *, mask: np.ndarray | None = None) -> np.ndarray:

@@ -28,7 +28,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .image import Geometry, InputError, _check_readable, _sitk, atomic_output, check_writable, suffix_of
+from .errors import IncompleteOutput, OutputError
+from .image import (Geometry, InputError, _check_readable, _sitk, atomic_output, check_writable, suffix_of,
+                    write_sitk)
+from .output import require_free_space
 
 __all__ = [
     "DisplacementField", "FIELD_IMAGE_SUFFIXES", "TRANSFORM_FILE_SUFFIXES", "read_displacement_field",
@@ -178,11 +181,52 @@ def write_displacement_field(path, field: DisplacementField, *, what: str = "tra
     suffix = suffix_of(path)
     allowed = FIELD_IMAGE_SUFFIXES + TRANSFORM_FILE_SUFFIXES
     check_writable(path, what=what, suffixes=allowed)
-    with atomic_output(path, what=what) as tmp:
-        if suffix in TRANSFORM_FILE_SUFFIXES:
-            sitk.WriteTransform(field.to_sitk_transform(), tmp)
-        else:
-            sitk.WriteImage(field.to_sitk_image(dtype=np.float32), tmp, suffix != ".nii")
+    if suffix not in TRANSFORM_FILE_SUFFIXES:
+        write_sitk(field.to_sitk_image(dtype=np.float32), path, what=what, suffixes=FIELD_IMAGE_SUFFIXES)
+        return
+    # the HDF5 file holds the float64 vectors uncompressed: at least this many bytes
+    write_transform_file(path, field.to_sitk_transform(), what=what, min_bytes=field.vectors.size * 8)
+
+
+def write_transform_file(path, transform, *, what: str = "transform", min_bytes: int = 0) -> None:
+    """Write a SimpleITK transform crash-safely (temporary file, read back, renamed); the format is
+    the suffix's (``.h5``: HDF5; ``.txt``/``.tfm``/``.mat``: ITK's text and MATLAB formats).
+
+    HDF5 does not fail cleanly on a full disk (a page of diagnostics, and its file left open until a
+    failed close at process exit), so a write that cannot fit (``min_bytes``, a lower bound of the
+    file size) fails before HDF5 is called.
+    """
+    sitk = _sitk()
+    hdf5 = suffix_of(path) in TRANSFORM_FILE_SUFFIXES
+    if min_bytes:
+        require_free_space(path, min_bytes, what=what)
+
+    def read_back(tmp):
+        try:
+            parameters = sitk.ReadTransform(tmp).GetNumberOfParameters()
+        except RuntimeError:
+            raise IncompleteOutput("the file read back is incomplete or damaged") from None
+        if parameters != transform.GetNumberOfParameters():
+            raise IncompleteOutput("the transform read back has the wrong number of parameters")
+
+    try:
+        with atomic_output(path, what=what, verify=read_back) as tmp:
+            sitk.WriteTransform(transform, tmp)
+    except OutputError:
+        if hdf5:
+            _hdf5_failures.append(path)
+        raise
+
+
+# HDF5 keeps a file it failed to write open; at process exit it then fails to close it again, with a
+# page of diagnostics on stderr or a crash. A command line that reported the failure can end with
+# os._exit and skip that (see hdf5_write_failed).
+_hdf5_failures: list = []
+
+
+def hdf5_write_failed() -> bool:
+    """Whether an HDF5 transform file failed to write in this process (see ``_hdf5_failures``)."""
+    return bool(_hdf5_failures)
 
 
 def _is_transform_file(path: str) -> bool:

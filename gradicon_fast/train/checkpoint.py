@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,22 +14,18 @@ import torch
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
 
 
-def atomic_save(obj, path) -> None:
-    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``:
-    a reader (or a resume after a crash) sees the old file or the new one, never a partial one."""
+def atomic_save(obj, path, *, what: str = "checkpoint") -> None:
+    """``torch.save`` crash-safely (``gradicon_fast.io.atomic_output``): to a temporary file in the same
+    folder, checked, flushed to disk, then renamed over ``path``. A reader (or a resume after a crash)
+    sees the old file or the new one, never a partial one; a failure (a full disk) is one
+    ``OutputError`` naming the file."""
+    from ..io.output import atomic_output
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:
+    with atomic_output(path, what=what, verify=_check_zip_archive) as tmp:
+        torch.save(obj, tmp)
+    try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -36,6 +33,33 @@ def atomic_save(obj, path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def _check_zip_archive(path: str) -> None:
+    """torch.save writes a zip archive: its central directory, at the very end, must be readable."""
+    from ..io.errors import IncompleteOutput
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except zipfile.BadZipFile as e:
+        raise IncompleteOutput(f"the file is incomplete ({e})") from None
+
+
+def load_checkpoint_file(path, *, map_location="cpu", what: str = "checkpoint"):
+    """``torch.load`` with one clear error for a file that is not a readable checkpoint (damaged,
+    truncated, or not written by ``torch.save``), instead of the unpickler's internals."""
+    from ..io.errors import InputError
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise InputError(f"{what} {os.fspath(path)!r} does not exist") from None
+    except (OSError, MemoryError):
+        raise
+    except Exception:  # UnpicklingError, RuntimeError (zip), EOFError, ValueError, KeyError, ...
+        raise InputError(f"{what} {os.fspath(path)!r} is not a readable checkpoint (damaged or truncated, or not "
+                         f"a file saved by gradicon_fast)") from None
 
 
 def rng_state() -> dict:

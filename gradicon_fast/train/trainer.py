@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader
 
 from ..nn import GradICON, LossTerms, save_model
 from .augment import augment_pair
-from .checkpoint import (atomic_save, checkpoint_path, latest_checkpoint, prune_checkpoints, rng_state,
-                         set_rng_state)
+from .checkpoint import (atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint_file, prune_checkpoints,
+                         rng_state, set_rng_state)
 from .distributed import DistEnv, all_reduce_sum, init_distributed
 from .sampler import PairStreamSampler
 
@@ -158,7 +158,7 @@ class Trainer:
         path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
             return
-        blob = torch.load(path, map_location=self.device, weights_only=False)
+        blob = load_checkpoint_file(path, map_location=self.device)
         self.model.load_state_dict(blob["model"])
         self.optimizer.load_state_dict(blob["optimizer"])
         self.step = int(blob["step"])
@@ -337,7 +337,7 @@ def train_two_stage(dataset, out_dir, input_shape, *, stage1_steps: int, stage2_
     model4 = None
     if config.resume and latest_checkpoint(stage2_dir / "checkpoints") is not None:
         # Stage 2 already started: its checkpoint holds all weights.
-        blob = torch.load(latest_checkpoint(stage2_dir / "checkpoints"), map_location="cpu", weights_only=False)
+        blob = load_checkpoint_file(latest_checkpoint(stage2_dir / "checkpoints"))
         model4 = build_model(blob["config"])
     else:
         model3 = standard_network(input_shape, steps=3, **model_kwargs)
