@@ -371,3 +371,47 @@ def test_the_cli_reports_an_output_failure_in_a_subprocess(tmp_path, full_disk):
     assert proc.returncode == 1
     assert f"{str(full_disk / 't.h5')!r}: No space left on device" in one_line(proc.stderr)
     assert sorted(os.listdir(full_disk)) == ["filler"]
+
+
+# ------------------------------------------------------------------------------------------------
+# A file size limit: the native writers fail for real, without root
+# ------------------------------------------------------------------------------------------------
+
+LIMITED = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+sys.argv = ["gradicon-fast"] + sys.argv[1:]
+runpy.run_module("gradicon_fast", run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("volumes")
+    pair = make_synthetic_pair((40, 40, 40), 4.0, max_displacement_mm=8.0, seed=1)
+    for name in ("fixed", "moving"):
+        io.write_image(folder / f"{name}.nii.gz", pair.image(name))
+    io.write_displacement_field(folder / "identity.nii.gz",
+                                io.DisplacementField(np.zeros((40, 40, 40, 3)), pair.geometry))
+    return folder
+
+
+@pytest.mark.parametrize("output", ["w.nii.gz", "w.nii", "w.nrrd", "w.mha", "t.h5"])
+def test_file_size_limit_gives_one_line_and_status_1(output, volumes, tmp_path):
+    """ITK's NIfTI writer stops at the limit without an error, HDF5 prints pages of diagnostics and
+    crashes at exit: the command line still reports one line, exits with 1 and leaves nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if output.endswith(".h5"):
+        args = ["register", "--fixed", volumes / "fixed.nii.gz", "--moving", volumes / "moving.nii.gz",
+                "--transform-out", out / output, "--iterations", "2", "2", "2", "-q"]
+    else:
+        args = ["warp", "--moving", volumes / "moving.nii.gz", "--transform", volumes / "identity.nii.gz",
+                "--reference", volumes / "fixed.nii.gz", "--out", out / output, "-q"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", LIMITED, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert one_line(proc.stderr).endswith(f"{str(out / output)!r}: File too large"), proc.stderr
+    assert os.listdir(out) == []

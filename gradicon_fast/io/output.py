@@ -184,7 +184,9 @@ def _probe(directory: str) -> str | None:
     except OSError as e:
         return e.strerror
     try:
-        os.write(fd, bytes(_PROBE_BYTES))
+        pending = memoryview(bytes(_PROBE_BYTES))
+        while pending:  # a short write is followed by one that reports the error
+            pending = pending[os.write(fd, pending):]
         os.fsync(fd)
     except OSError as e:
         return e.strerror
