@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS := numpy pytest pytest-benchmark ninja pybind11 "setuptools>=64" wheel triton nibabel SimpleITK tqdm matplotlib tensorboard
+# The official GradICON package, the tests' oracle: its core (losses, network wrappers, networks) needs only the
+# DEPS above; its other requirements (torchvision, itk, girder_client, footsteps) are left out.
+ORACLE := icon_registration==1.1.9
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
@@ -19,6 +22,7 @@ $(PY):
 $(VENV)/.deps: | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install $(DEPS)
+	$(PIP) install --no-deps "$(ORACLE)"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

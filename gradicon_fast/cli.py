@@ -70,6 +70,10 @@ def _cmd_register(args) -> int:
         raise UsageError("--io-iterations must be >= 0")
     if args.io_iterations_given and args.model is None:
         raise UsageError("--io-iterations needs --model (model-free registration uses --iterations)")
+    if (args.model_preset is not None or args.model_shape is not None) and args.model is None:
+        raise UsageError("--model-preset and --model-shape need --model")
+    if args.model_preset is not None and args.model_shape is not None:
+        raise UsageError("give --model-preset or --model-shape, not both")
 
     fixed = io.read_image(args.fixed, what="fixed image")
     moving = io.read_image(args.moving, what="moving image")
@@ -86,7 +90,7 @@ def _cmd_register(args) -> int:
     device = _device(args.device)
     model = None
     if args.model is not None:
-        model = _load_model(args.model, device, args.backend)
+        model = _load_model(args.model, device, args.backend, preset=args.model_preset, shape=args.model_shape)
     settings = RegistrationSettings()
     if args.iterations is not None:
         if len(args.iterations) != len(settings.levels) or any(n < 0 for n in args.iterations):
@@ -147,7 +151,7 @@ def _network_layer_missing(what: str) -> str:
             f"in this installation yet")
 
 
-def _load_model(path: str, device: str, backend: str | None):
+def _load_model(path: str, device: str, backend: str | None, *, preset=None, shape=None):
     from .io import InputError
     from .io.image import _check_readable
 
@@ -158,7 +162,7 @@ def _load_model(path: str, device: str, backend: str | None):
     except ImportError:
         raise UsageError(_network_layer_missing("register --model")) from None
     try:
-        model = load_model(path, map_location=device, backend=backend)
+        model = load_model(path, map_location=device, backend=backend, preset=preset, shape=shape)
     except InputError:  # not a readable checkpoint at all: load_model's message says so
         raise
     except Exception as e:  # config / state-dict errors come in many types
@@ -378,9 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nan-value", type=float, metavar="V", help="replace NaN and infinite voxels of both images with "
                    "V (default: such voxels are an error)")
     p.add_argument("--model", metavar="CKPT", help="trained network checkpoint (gradicon_fast.nn.save_model / "
-                   "training output)")
+                   "training output) or official weight file (uniGradICON, multiGradICON, the GradICON paper's models)")
     p.add_argument("--io-iterations", type=int, default=None, metavar="N",
                    help="instance-optimisation steps with --model (default 50)")
+    p.add_argument("--model-preset", choices=("unigradicon", "multigradicon", "lung", "knee", "brain"),
+                   help="input shape of an official weight file (icon_registration / uniGradICON regis_net state "
+                   "dict): unigradicon, multigradicon, lung 175³ (the default), knee 80×192×192, brain 130×155×130")
+    p.add_argument("--model-shape", type=int, nargs="+", metavar="N", help="input shape of the network: for an "
+                   "official weight file instead of a preset; for a gradicon_fast model instead of its saved shape")
     g = p.add_argument_group("model-free registration")
     g.add_argument("--iterations", type=int, nargs="+", metavar="N", help="Adam steps per level, coarse to fine "
                    "(default 100 100 50)")

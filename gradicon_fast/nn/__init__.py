@@ -118,11 +118,59 @@ def save_model(model: GradICON, path) -> None:
     atomic_save({"format": "gradicon_fast.model/1", "config": model.config, "model": model.state_dict()}, path)
 
 
-def load_model(path, *, map_location="cpu", backend: str | None = None, **overrides) -> GradICON:
-    """Load a model saved by :func:`save_model` or a training checkpoint of ``gradicon_fast.train``."""
-    blob = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(blob, dict) or "config" not in blob or "model" not in blob:
-        raise ValueError(f"{path}: not a gradicon_fast model or training checkpoint")
-    model = build_model(blob["config"], backend=backend, **overrides)
-    model.load_state_dict(blob["model"])
+def load_model(path, *, map_location="cpu", backend: str | None = None, preset: str | None = None,
+               shape: Sequence[int] | None = None, **overrides) -> GradICON:
+    """Load a model from a weight file; the file is read with ``weights_only=True`` (never code).
+
+    Accepted formats:
+
+    - a file of :func:`save_model` or a training checkpoint of ``gradicon_fast.train``;
+    - the state dict of an official GradICON-family network (``torch.save(net.regis_net.state_dict())``
+      in ``icon_registration`` / ``unigradicon``: the published lung, knee, brain, uniGradICON and
+      multiGradICON weights), 4-step or stage-1 3-step, loaded strictly into :func:`standard_network`
+      with the published objective (:mod:`gradicon_fast.nn.published`).
+
+    Official files hold no input shape: it is ``shape``, or that of ``preset``
+    (``unigradicon``, ``multigradicon``, ``lung``: 175³; ``knee``: 80×192×192; ``brain``: 130×155×130),
+    by default 175³. For gradicon_fast files ``shape`` replaces the saved input shape. ``overrides``
+    replace other :func:`standard_network` arguments. Bad files and shapes raise a one-line
+    ``gradicon_fast.io.InputError`` (a ``ValueError``).
+    """
+    from ..io import InputError
+    from .published import OFFICIAL_FORMAT, PUBLISHED_OBJECTIVE, input_shape_for, official_architecture, \
+        official_state_dict, preset_shape, read_weights
+
+    if preset is not None:
+        preset_shape(preset)  # an unknown name fails before the file is read
+    blob = read_weights(path, map_location=map_location)
+    if isinstance(blob, dict) and "config" in blob and "model" in blob:
+        saved_shape = [int(s) for s in blob["config"].get("input_shape", ())]
+        if preset is not None:
+            raise InputError(f"model checkpoint {str(path)!r} is a gradicon_fast model (input shape "
+                             f"{'x'.join(map(str, saved_shape))}); presets name the input shapes of official "
+                             "weight files (give a model shape to change it)")
+        if shape is not None:
+            if len(shape) != len(saved_shape) or any(int(s) < 2 for s in shape):
+                raise InputError(f"model checkpoint {str(path)!r} holds a {len(saved_shape)}D model; the model "
+                                 f"shape must be {len(saved_shape)} sizes >= 2, got {'x'.join(map(str, shape))}")
+            overrides["input_shape"] = [int(s) for s in shape]
+        model = build_model(blob["config"], backend=backend, **overrides)
+        model.load_state_dict(blob["model"])
+        return model
+    official = official_state_dict(blob)
+    if official is None:
+        raise InputError(f"model checkpoint {str(path)!r} is not a model: expected a gradicon_fast model or "
+                         f"training checkpoint (a dict with 'config' and 'model') or {OFFICIAL_FORMAT}")
+    steps, state_dict = official
+    dimension, image_channels = official_architecture(state_dict)
+    input_shape = input_shape_for(preset, shape, dimension, path)
+    config = dict(PUBLISHED_OBJECTIVE, steps=steps, image_channels=image_channels)
+    config.update(overrides)
+    model = standard_network(input_shape, backend=backend, **config)
+    try:
+        model.regis_net.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        details = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise InputError(f"model checkpoint {str(path)!r}: the weights do not fit the standard network: "
+                         f"{details[1] if len(details) > 1 else details[0]}") from None
     return model
