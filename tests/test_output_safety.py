@@ -415,3 +415,43 @@ def test_file_size_limit_gives_one_line_and_status_1(output, volumes, tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert one_line(proc.stderr).endswith(f"{str(out / output)!r}: File too large"), proc.stderr
     assert os.listdir(out) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# The training log
+# ------------------------------------------------------------------------------------------------
+
+
+def _tiny_trainer(out):
+    import gradicon_fast.nn as gnn
+    from gradicon_fast.data import SyntheticPairDataset
+    from gradicon_fast.train import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    model = gnn.standard_network((16, 16), steps=3, width=0.25)
+    config = TrainConfig(steps=2, batch_size=1, progress=False, tensorboard=False, seed=0)
+    return Trainer(model, SyntheticPairDataset(4, (16, 16), seed=0), out, config)
+
+
+def test_resumed_log_drops_a_torn_row(tmp_path):
+    trainer = _tiny_trainer(tmp_path)
+    header = "step,total,similarity,regularization,fold_percentage,lr,seconds\n"
+    (tmp_path / "log.csv").write_text(header + "1,1,1,0,0,0.001,0.1\n2,1,1,0,0,0.001,0.1\n3,0.9,0.8")
+    trainer.step = 3  # resumed from checkpoint 3; the crash tore step 3's row
+    trainer._open_logs()
+    trainer._close_logs()
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows == [header.strip(), "1,1,1,0,0,0.001,0.1", "2,1,1,0,0,0.001,0.1"]
+
+
+def test_training_log_on_a_full_disk_is_one_line(tmp_path):
+    trainer = _tiny_trainer(tmp_path)
+    trainer._open_logs()
+    try:
+        trainer._csv_file.flush = _no_space
+        with pytest.raises(io.OutputError, match=r"cannot write training log '.*log\.csv': No space left on device"):
+            trainer._log({"step": 1, "total": 1, "similarity": 1, "regularization": 0, "fold_percentage": 0,
+                          "lr": 0.001, "seconds": 0.1})
+    finally:
+        del trainer._csv_file.flush
+        trainer._close_logs()

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from ..io.errors import OutputError
+from ..io.output import atomic_output
 from ..nn import GradICON, LossTerms, save_model
 from .augment import augment_pair
 from .checkpoint import (atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint_file, prune_checkpoints,
@@ -84,6 +86,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _complete_step(row: dict) -> int | None:
+    """The step of a complete log.csv row; None for a row torn by a crash or a full disk."""
+    if None in row or any(value in (None, "") for value in row.values()):
+        return None
+    try:
+        return int(row["step"])
+    except (ValueError, KeyError):
+        return None
 
 
 def micro_batch_seed(seed: int, step: int, micro: int) -> int:
@@ -177,6 +189,8 @@ class Trainer:
                           pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     # ---- logging ------------------------------------------------------------------------------
+    # log.csv is appended to row by row (so that a killed run keeps its rows); a resume rewrites it
+    # crash-safely with the rows up to the resumed step. TensorBoard's event files are its own.
 
     def _open_logs(self):
         self._csv_path = self.out_dir / "log.csv"
@@ -184,11 +198,13 @@ class Trainer:
         rows = []
         if self._csv_path.exists():  # keep the rows up to the resumed step (a killed run may have logged more)
             with open(self._csv_path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
-        with open(self._csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+                logged = [(_complete_step(r), r) for r in csv.DictReader(f)]
+            rows = [r for step, r in logged if step is not None and step <= self.step]
+        with atomic_output(self._csv_path, what="training log") as tmp:  # a failed rewrite keeps the old log
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
         self._csv_file = open(self._csv_path, "a", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=fields)
         self._tb = None
@@ -207,8 +223,11 @@ class Trainer:
             self._tb = None
 
     def _log(self, row: dict) -> None:
-        self._csv.writerow(row)
-        self._csv_file.flush()
+        try:
+            self._csv.writerow(row)
+            self._csv_file.flush()
+        except OSError as e:  # a full disk: one line naming the log (a torn last row is skipped on resume)
+            raise OutputError(f"cannot write training log {str(self._csv_path)!r}: {e.strerror or e}") from None
         if self._tb is not None:
             for k in TERMS:
                 self._tb.add_scalar(f"loss/{k}" if k != "fold_percentage" else "fold_percentage", row[k], row["step"])
