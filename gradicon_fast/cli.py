@@ -59,7 +59,7 @@ def _cmd_register(args) -> int:
                ("--inverse-transform-out", args.inverse_transform_out,
                 io.FIELD_IMAGE_SUFFIXES + io.TRANSFORM_FILE_SUFFIXES)]
     if all(path is None for _, path, _ in outputs):
-        raise UsageError("no output requested: give --warped-out, --transform-out and/or --inverse-transform-out")
+        raise UsageError(f"no output requested: give at least one of {', '.join(option for option, _, _ in outputs)}")
     for option, path, suffixes in outputs:  # fail before the long computation
         if path is not None:
             io.check_writable(path, what=f"{option} file", suffixes=suffixes)
