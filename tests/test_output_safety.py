@@ -455,3 +455,11 @@ def test_training_log_on_a_full_disk_is_one_line(tmp_path):
     finally:
         del trainer._csv_file.flush
         trainer._close_logs()
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_clear_line(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    damaged = tmp_path / "checkpoints" / "checkpoint_00000002.pt"
+    damaged.write_bytes(_damaged_checkpoints(tmp_path)["truncated"].read_bytes())
+    with pytest.raises(io.InputError, match=rf"checkpoint '{damaged}' is not a readable checkpoint"):
+        _tiny_trainer(tmp_path)
