@@ -297,3 +297,12 @@ def test_jacobian_of_a_field_is_physical():
     det = field.jacobian_determinant()
     assert det.shape == tuple(s - 1 for s in g.shape)
     assert torch.allclose(det, torch.full_like(det, 1.1), atol=1e-5)
+
+
+def test_nii_gz_is_read_even_beside_a_nii_of_the_same_name(tmp_path):
+    """ITK's NIfTI reader, asked for a.nii.gz, opens a.nii when it exists."""
+    geometry = io.Geometry.isotropic((4, 5, 6))
+    io.write_image(tmp_path / "a.nii", io.Image(np.zeros((4, 5, 6), np.float32), geometry))
+    io.write_image(tmp_path / "a.nii.gz", io.Image(np.ones((4, 5, 6), np.float32), geometry))
+    assert (io.read_image(tmp_path / "a.nii.gz").array == 1).all()
+    assert (io.read_image(tmp_path / "a.nii").array == 0).all()

@@ -15,6 +15,7 @@ map in [0, 1] units is ``index_k / (shape_k - 1)``.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -224,6 +225,12 @@ def read_sitk(path, what: str = "image"):
     sitk = _sitk()
     path = _check_readable(path, what)
     try:
+        if suffix_of(path) == ".nii.gz" and os.path.exists(path[:-3]):
+            # ITK's NIfTI reader, given a.nii.gz, opens a.nii when that exists: read through a link alone
+            with tempfile.TemporaryDirectory() as folder:
+                link = os.path.join(folder, "image.nii.gz")
+                os.symlink(os.path.abspath(path), link)
+                return sitk.ReadImage(link)
         return sitk.ReadImage(path)
     except RuntimeError:
         raise InputError(f"cannot read {what} {path!r}: not an image file in a format SimpleITK reads "
