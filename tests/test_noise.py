@@ -263,12 +263,18 @@ def test_unseeded_mean_matches_reference(rng, one_thread, penalty, stride):
     """Same expected loss from the kernels' Philox noise as from the reference's torch.randn noise.
 
     Smooth non-linear chains and a large noise scale (0.3): many points leave the domain, where the
-    maps are translations, so the expected loss depends strongly on the noise distribution. The same
-    test must reject when the reference's noise scale is doubled.
+    maps are translations, so GradICON's expected loss depends strongly on the noise distribution.
+    ICON's need not (outside the domain its error is that of the clamped border displacements; for
+    some random chains doubling the noise scale moved the mean by under one standard error), so its
+    chain AB also zooms by 1.3 about the centre: the error then grows with the distance from the
+    centre up to the border, whatever the random part. The same test must reject when the
+    reference's noise scale is doubled.
     """
     shape = (12, 11)
     ab = [smooth_field(rng, 2, (9, 8), 0.15, control=4), smooth_field(rng, 1, (5, 6), 0.1)]
     ba = [smooth_field(rng, 2, (7, 9), 0.15, control=4)]
+    if penalty == "icon":
+        ab[0] = ab[0] + 0.3 * (gf.identity_map((9, 8), dtype=ab[0].dtype) - 0.5)
     draws = 200
     gen_cpu = torch.Generator().manual_seed(fresh_seed(rng, 31))
     gen_ref = torch.Generator().manual_seed(fresh_seed(rng, 31))
