@@ -52,12 +52,15 @@ def _say(args, message: str) -> None:
 
 def _cmd_register(args) -> int:
     from . import io
+    from .alignment import geometric_center
+    from .io.affine import AFFINE_FILE_SUFFIXES, write_affine
     from .registration import Level, RegistrationSettings, register_images
 
     outputs = [("--warped-out", args.warped_out, io.WRITABLE_IMAGE_SUFFIXES),
                ("--transform-out", args.transform_out, io.FIELD_IMAGE_SUFFIXES + io.TRANSFORM_FILE_SUFFIXES),
                ("--inverse-transform-out", args.inverse_transform_out,
-                io.FIELD_IMAGE_SUFFIXES + io.TRANSFORM_FILE_SUFFIXES)]
+                io.FIELD_IMAGE_SUFFIXES + io.TRANSFORM_FILE_SUFFIXES),
+               ("--affine-out", args.affine_out, AFFINE_FILE_SUFFIXES)]
     if all(path is None for _, path, _ in outputs):
         raise UsageError(f"no output requested: give at least one of {', '.join(option for option, _, _ in outputs)}")
     for option, path, suffixes in outputs:  # fail before the long computation
@@ -107,7 +110,8 @@ def _cmd_register(args) -> int:
     result = register_images(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, intensity=args.intensity,
                              settings=settings, model=model, io_iterations=args.io_iterations, backend=args.backend,
                              device=device, progress=not args.quiet, log=lambda m: _say(args, m),
-                             default_value=args.default_value)
+                             default_value=args.default_value, init=args.init,
+                             warn=lambda m: _stderr(f"gradicon-fast register: warning: {m}"))
     with io.output_group():  # every output, or (when one cannot be written) none of them
         if args.warped_out:
             io.write_image(args.warped_out, result.warped, what="--warped-out file")
@@ -116,6 +120,9 @@ def _cmd_register(args) -> int:
         if args.inverse_transform_out:
             io.write_displacement_field(args.inverse_transform_out, result.inverse,
                                         what="--inverse-transform-out file")
+        if args.affine_out:
+            write_affine(args.affine_out, result.affine.matrix, result.affine.offset,
+                         center=geometric_center(fixed.geometry), what="--affine-out file")
     print(f"registered ({result.method}) in {result.seconds:.1f} s; folds: {result.fold_percentage:.4f} % of cells",
           flush=True)
     for option, path, _ in outputs:
@@ -390,13 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "dict): unigradicon, multigradicon, lung 175³ (the default), knee 80×192×192, brain 130×155×130")
     p.add_argument("--model-shape", type=int, nargs="+", metavar="N", help="input shape of the network: for an "
                    "official weight file instead of a preset; for a gradicon_fast model instead of its saved shape")
+    p.add_argument("--init", choices=("none", "center", "moments", "affine"), default="affine",
+                   help="initial alignment, included in the output transforms: none (trust the headers' world "
+                   "coordinates), center (of the image boxes), moments (centres of mass), affine (default: an affine "
+                   "fitted from the best of those three; registers scans that lie far apart)")
+    p.add_argument("--affine-out", metavar="A", help="the initial alignment alone as an ITK affine transform file "
+                   "(.mat as ANTs writes, .txt/.tfm); --transform-out already includes it")
     g = p.add_argument_group("model-free registration")
     g.add_argument("--iterations", type=int, nargs="+", metavar="N", help="Adam steps per level, coarse to fine "
                    "(default 100 100 50)")
     g.add_argument("--lmbda", type=float, metavar="λ", help="weight of the GradICON penalty (default 2)")
     g.add_argument("--sigma", type=int, help="LNCC Gaussian σ in voxels of each level (default 3)")
     g.add_argument("--similarity", choices=("lncc", "lncc2", "mse"), help="similarity (default lncc)")
-    g.add_argument("--max-size", type=int, metavar="N", help="largest axis of the loss grid (default 80)")
+    g.add_argument("--max-size", type=int, metavar="N", help="voxels along the longest physical axis of the loss grid, "
+                   "which is near-isotropic in mm (default 80)")
     g.add_argument("--lr", type=float, help="Adam step in field voxels (default 0.1)")
     g.add_argument("--smooth", type=float, metavar="σ", help="Gaussian smoothing of the field updates, in field "
                    "voxels (default 2; 0: none)")

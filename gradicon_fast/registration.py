@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import functional as gfn
 from . import reference
+from .alignment import initial_alignment, overlap_fraction
 
 Tensor = torch.Tensor
 
@@ -57,7 +58,9 @@ class RegistrationSettings:
     while staying inverse to each other, which GradICON does not penalise); smoothing the field
     updates (σ = 2 field voxels) with λ = 2 keeps every tested case fold-free."""
 
-    max_size: int = 80                  # loss grid: images downsampled so that no axis exceeds this
+    max_size: int = 80                  # loss grid: near-isotropic in mm, no axis over this many voxels
+    max_voxels: int = 128 ** 3          # memory cap on the loss grid's voxel count (coarser spacing beyond)
+    physical_grid: bool = True          # False: the loss grid keeps the image's voxel aspect (no spacing used)
     levels: tuple[Level, ...] = (Level(4, 4, 100), Level(2, 4, 100), Level(1, 2, 50))
     lr: float = 0.1                     # Adam step, in voxels of the level's field grid
     lmbda: float = 2.0                  # weight of the GradICON penalty
@@ -72,8 +75,7 @@ class RegistrationSettings:
         levels = ", ".join(f"1/{lv.image_scale:g} ({lv.iterations} it)" for lv in self.levels)
         extra = (f", field smoothing σ={self.smooth:g}" if self.smooth else "") + \
             (f", diffusion {self.diffusion:g}" if self.diffusion else "")
-        return (f"levels {levels}; λ={self.lmbda:g}, {self.similarity} σ={self.sigma}, lr={self.lr:g}, "
-                f"loss grid ≤ {self.max_size}{extra}")
+        return (f"levels {levels}; λ={self.lmbda:g}, {self.similarity} σ={self.sigma}, lr={self.lr:g}{extra}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -168,12 +170,15 @@ def resize(x: Tensor, shape: Sequence[int], *, antialias: bool = True) -> Tensor
     if tuple(x.shape[2:]) == shape:
         return x
     if antialias:
-        factor = max((s - 1) / max(t - 1, 1) for s, t in zip(x.shape[2:], shape))
-        if factor > 1.25:
-            sigma = 0.5 * factor
-            taps = gaussian_taps(sigma, dtype=x.dtype)
+        # per axis: a grid can shrink along one axis and grow along another (a near-isotropic loss grid
+        # of a thick-slice image), and only the shrinking axes are smoothed
+        factors = [(s - 1) / max(t - 1, 1) for s, t in zip(x.shape[2:], shape)]
+        if max(factors) > 1.25:
+            mats = []
+            for s, factor in zip(x.shape[2:], factors):
+                taps = gaussian_taps(0.5 * factor, dtype=x.dtype) if factor > 1.25 else torch.ones(1, dtype=x.dtype)
+                mats.append(_band_matrix(s, taps).to(x.device))
             # normalised smoothing (divide by the blurred ones) so the borders keep their level
-            mats = [_band_matrix(s, taps).to(x.device) for s in x.shape[2:]]
             x = _smooth_axes(x, mats) / _smooth_axes(torch.ones_like(x[:1, :1]), mats)
     return F.interpolate(x, size=shape, mode=_interp_mode(x.ndim - 2), align_corners=True)
 
@@ -183,10 +188,46 @@ def scaled_shape(shape: Sequence[int], scale: float, *, minimum: int = 6) -> tup
     return tuple(max(min(minimum, int(s)), int(round((int(s) - 1) / scale)) + 1) for s in shape)
 
 
-def loss_grid_shape(shape: Sequence[int], max_size: int) -> tuple[int, ...]:
-    """The image grid shrunk by one factor so that no axis exceeds ``max_size`` (unchanged if it fits)."""
-    factor = max(1.0, max((s - 1) / max(max_size - 1, 1) for s in shape))
-    return scaled_shape(shape, factor)
+def loss_grid_spacing(shape: Sequence[int], spacing: Sequence[float], max_size: int,
+                      max_voxels: int | None = None) -> float:
+    """The loss grid's voxel size (mm): the finest spacing of the image, or coarser so that the longest
+    physical extent fits in ``max_size`` voxels, and the whole grid in ``max_voxels``."""
+    extent = [(int(s) - 1) * float(h) for s, h in zip(shape, spacing)]
+    target = max(min(float(h) for h in spacing), max(extent) / max(max_size - 1, 1))
+    if max_voxels is not None:
+        while math.prod(max(2, int(round(e / target)) + 1) for e in extent) > max_voxels and target < max(extent):
+            target *= 1.05
+    return target
+
+
+def loss_grid_shape(shape: Sequence[int], max_size: int, spacing: Sequence[float] | None = None,
+                    max_voxels: int | None = None) -> tuple[int, ...]:
+    """The loss grid: the image's physical box (corner voxel centres kept) sampled near-isotropically.
+
+    Each axis gets ``extent / loss_grid_spacing`` intervals (at least ``min(6, size)`` voxels), so a
+    0.6 x 0.6 x 5 mm image has as many loss voxels per millimetre along its slices as across them.
+    Without ``spacing`` the voxels are taken as isotropic: the grid is the image's shrunk by one factor
+    so that no axis exceeds ``max_size`` (unchanged if it fits).
+    """
+    spacing = (1.0,) * len(shape) if spacing is None else tuple(float(h) for h in spacing)
+    target = loss_grid_spacing(shape, spacing, max_size, max_voxels)
+    return tuple(max(min(6, int(s)), int(round((int(s) - 1) * h / target)) + 1) for s, h in zip(shape, spacing))
+
+
+def anisotropy_warning(spacing: Sequence[float], what: str = "image") -> str | None:
+    """A warning for voxels much longer along one axis than another (None when the ratio is at most 4)."""
+    ratio = max(spacing) / min(spacing)
+    if ratio <= 4:
+        return None
+    size = "x".join(f"{h:g}" for h in spacing)
+    axis = int(np.argmax(spacing))
+    if ratio > 20:
+        return (f"the {what}'s voxels are {size} mm ({ratio:.0f} times longer along axis {axis} than across): this "
+                f"is not a usable volume (a stack of distant slices, or a wrong spacing in the header); the "
+                f"registration along axis {axis} only interpolates between slices {max(spacing):g} mm apart and "
+                f"cannot be trusted")
+    return (f"the {what}'s voxels are {size} mm ({ratio:.1f} times longer along axis {axis}): the registration "
+            f"runs on a near-isotropic loss grid, but along axis {axis} it only sees slices {max(spacing):g} mm apart")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,14 +246,16 @@ def _similarity_fn(kind: str, sigma: int, shape: Sequence[int], device) -> Calla
 
 
 def register(fixed: Tensor, moving: Tensor, *, settings: RegistrationSettings | None = None,
-             backend: str | None = None, progress: bool = False,
+             spacing: Sequence[float] | None = None, backend: str | None = None, progress: bool = False,
              callback: Callable[[int, int, float], None] | None = None) -> RegistrationResult:
     """Register ``moving`` (A) to ``fixed`` (B): ``(1, 1, *S)`` tensors on the same grid, intensities ~[0, 1].
 
     Returns the chains φ_AB (``fixed ≈ moving ∘ φ_AB``) and φ_BA, each one displacement field in the
     [0, 1] units of the common grid (at the finest level's field resolution: compose or warp them at
-    any resolution). ``backend`` picks the implementation of the ops ("cpu" fused kernels, "torch"
-    reference, default automatic).
+    any resolution). ``spacing`` is the grid's voxel size in mm (default isotropic): the loss grid is
+    near-isotropic in millimetres (:func:`loss_grid_shape`), so the LNCC window, the field smoothing
+    and the levels are the same physical size along every axis. ``backend`` picks the implementation
+    of the ops ("cpu" fused kernels, "torch" reference, default automatic).
     """
     settings = settings or RegistrationSettings()
     if fixed.shape != moving.shape or fixed.ndim not in (4, 5) or fixed.shape[:2] != (1, 1):
@@ -225,7 +268,8 @@ def register(fixed: Tensor, moving: Tensor, *, settings: RegistrationSettings | 
     device = fixed.device
     fixed = fixed.float()
     moving = moving.float()
-    loss_shape = loss_grid_shape(fixed.shape[2:], settings.max_size)
+    loss_shape = loss_grid_shape(fixed.shape[2:], settings.max_size, spacing if settings.physical_grid else None,
+                                 settings.max_voxels)
     fixed_l0, moving_l0 = resize(fixed, loss_shape), resize(moving, loss_shape)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
 
@@ -327,6 +371,7 @@ class ImageRegistration:
     seconds: float
     method: str
     details: dict = field(default_factory=dict)
+    affine: object = None       # alignment.Affine: the initial alignment (fixed→moving, mm), included in forward
 
 
 def _prepare(image, preset: str, mask: np.ndarray | None) -> np.ndarray:
@@ -342,12 +387,15 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
                     intensity: str = "auto", settings: RegistrationSettings | None = None,
                     model=None, io_iterations: int = 50, backend: str | None = None, device: str | None = None,
                     progress: bool = False, log: Callable[[str], None] | None = None,
-                    default_value: float = 0.0) -> ImageRegistration:
+                    default_value: float = 0.0, init: str = "affine", affine_settings=None,
+                    warn: Callable[[str], None] | None = None) -> ImageRegistration:
     """Register ``moving`` to ``fixed`` (:class:`~gradicon_fast.io.Image` s on any grids, physical space).
 
     Intensities are normalised (``intensity`` preset per image, see :func:`gradicon_fast.io.normalize_intensity`),
-    masks multiply their images, and the moving image is resampled on the fixed grid through the
-    identity of physical space (so the images only need to overlap in world coordinates). Without
+    masks multiply their images, and the moving image is resampled on the fixed grid through an initial
+    alignment (``init``, see :func:`gradicon_fast.alignment.initial_alignment`: ``"none"`` trusts the
+    headers' world coordinates, the default ``"affine"`` also registers scans that lie far apart), which
+    the exported fields include (``affine`` holds it alone). Without
     ``model``, the fields are optimised directly (:func:`register`); with a
     :class:`gradicon_fast.nn.GradICON` ``model``, the network registers the pair at its input shape
     after ``io_iterations`` steps of instance optimisation. Both give chains in the fixed grid's
@@ -367,15 +415,18 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
     start = time.perf_counter()
     fixed_array = _prepare(fixed, intensity, fixed_mask)
     moving_array = _prepare(moving, intensity, moving_mask)
-    inside = moving.geometry.physical_to_map(fixed.geometry.grid_physical())
-    overlap = float(np.all((inside > -1e-6) & (inside < 1 + 1e-6), axis=-1).mean())
-    del inside
+    _warn_anisotropy(fixed, moving, warn)
+    affine, alignment = initial_alignment(io.Image(fixed_array, fixed.geometry), io.Image(moving_array, moving.geometry),
+                                          init, settings=affine_settings, log=log)
+    overlap = overlap_fraction(fixed.geometry, moving.geometry, affine)
     if overlap < 0.01:
+        hint = ("check the images' origin and direction, or align them first (init 'moments' or 'affine')"
+                if init == "none" else "the initial alignment failed; check the images")
         raise io.InputError(f"the moving image does not overlap the fixed image in physical space ({overlap:.1%} of "
-                            f"the fixed grid lies inside the moving image): check the images' origin and direction")
-    identity = io.DisplacementField(np.zeros((*fixed.shape, fixed.ndim)), fixed.geometry)
+                            f"the fixed grid lies inside the moving image after the '{init}' alignment): {hint}")
+    aligned = io.DisplacementField.from_target_points(affine(fixed.geometry.grid_physical()), fixed.geometry)
     # border-clamped, as the loss samples its images (docs/conventions.md §7)
-    moving_on_fixed = io.warp_image(io.Image(moving_array, moving.geometry), identity, default_value=None,
+    moving_on_fixed = io.warp_image(io.Image(moving_array, moving.geometry), aligned, default_value=None,
                                     backend=cpu_backend).array
     b = torch.from_numpy(np.ascontiguousarray(fixed_array))[None, None].float().to(device)
     a = torch.from_numpy(np.ascontiguousarray(moving_on_fixed))[None, None].float().to(device)
@@ -383,12 +434,15 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
         if not float(t.max() - t.min()) > 0:
             raise io.InputError(f"the {name} image is constant after intensity normalisation and masking: nothing "
                                 f"to register")
-    details: dict = {"overlap": overlap}
+    details: dict = {"overlap": overlap, "alignment": alignment}
     if model is None:
         settings = settings or RegistrationSettings()
-        log(f"model-free registration on a {'x'.join(map(str, loss_grid_shape(fixed.shape, settings.max_size)))} "
-            f"loss grid: {settings.describe()}")
-        result = register(b, a, settings=settings, backend=backend, progress=progress)
+        spacing = fixed.geometry.spacing if settings.physical_grid else None
+        loss_shape = loss_grid_shape(fixed.shape, settings.max_size, spacing, settings.max_voxels)
+        loss_spacing = [(n - 1) * h / max(m - 1, 1) for n, h, m in zip(fixed.shape, fixed.geometry.spacing, loss_shape)]
+        log(f"model-free registration on a {'x'.join(map(str, loss_shape))} loss grid of "
+            f"{'x'.join(f'{h:.2f}' for h in loss_spacing)} mm: {settings.describe()}")
+        result = register(b, a, settings=settings, spacing=fixed.geometry.spacing, backend=backend, progress=progress)
         chain_ab, chain_ba = result.chain_AB, result.chain_BA
         method = "model-free"
         details.update(loss_shape=list(result.loss_shape), settings=settings.as_dict(),
@@ -404,16 +458,32 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
     # Full-resolution outputs (CPU).
     forward_disp = gfn.compose(chain_ab, fixed.shape, backend=cpu_backend)
     forward = io.DisplacementField.from_map_displacement(forward_disp, fixed.geometry)
+    # the affine has a positive determinant (alignment.py), so the folds are the deformable part's
     folds = float(gfn.fold_percentage(reference.identity_map(fixed.shape) + forward_disp))
     del forward_disp
-    points = torch.as_tensor(fixed.geometry.physical_to_map(moving.geometry.grid_physical()), dtype=torch.float32)
+    if not affine.is_identity():  # fixed p ↦ A(p + u(p)): the deformable part, then the alignment
+        forward = io.DisplacementField.from_target_points(affine(forward.target_points()), fixed.geometry)
+    moving_points = affine.inverse()(moving.geometry.grid_physical())
+    points = torch.as_tensor(fixed.geometry.physical_to_map(moving_points), dtype=torch.float32)
     targets = gfn.transform_points(chain_ba, points.movedim(-1, 0)[None].contiguous(),
                                    backend=cpu_backend)[0].movedim(0, -1)
     inverse = io.DisplacementField.from_target_points(fixed.geometry.map_to_physical(targets.double().numpy()),
                                                       moving.geometry)
     warped = io.warp_image(moving, forward, default_value=default_value, backend=cpu_backend)
     seconds = time.perf_counter() - start
-    return ImageRegistration(forward, inverse, warped, chain_ab, chain_ba, folds, seconds, method, details)
+    return ImageRegistration(forward, inverse, warped, chain_ab, chain_ba, folds, seconds, method, details, affine)
+
+
+def _warn_anisotropy(fixed, moving, warn: Callable[[str], None] | None) -> None:
+    """Tell the user (``warn``, default :func:`warnings.warn`) about voxels much longer along one axis."""
+    if warn is None:
+        import warnings
+
+        warn = lambda message: warnings.warn(message, stacklevel=3)  # noqa: E731
+    for what, image in (("fixed image", fixed), ("moving image", moving)):
+        message = anisotropy_warning(image.geometry.spacing, what)
+        if message is not None:
+            warn(message)
 
 
 def _register_with_model(model, fixed: Tensor, moving: Tensor, *, io_iterations: int, backend: str | None,

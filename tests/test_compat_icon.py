@@ -202,3 +202,25 @@ def test_misuse_is_named():
     affine.assign_identity_map((1, 1) + SHAPE_2D)
     with pytest.raises(TypeError, match="FunctionFromMatrix"):
         affine(image, image)
+
+
+def test_the_official_training_loop_runs_it():
+    """``icon_registration.train.train_datasets`` (the package's own loop) with the drop-in: same history."""
+    from icon_registration.train import train_datasets
+
+    torch.manual_seed(2)
+    network = randomize(official_network(2, 3), seed=2)
+    official, drop_in = both_losses(network, SHAPE_2D, icon_losses.LNCC(sigma=5))
+    pairs = [image_pair(SHAPE_2D, batch=2, seed=s) for s in (5, 6)]
+    histories = []
+    for loss in (official, drop_in):
+        optimizer = torch.optim.SGD(loss.regis_net.parameters(), lr=5e-3)
+        torch.manual_seed(8)
+        histories.append(train_datasets(loss, optimizer, [(a,) for a, _ in pairs], [(b,) for _, b in pairs],
+                                        epochs=1))
+    assert len(histories[1]) == 2
+    for got, expected in zip(histories[1], histories[0]):
+        assert type(got)._fields == FIELDS
+        assert got.similarity_loss == pytest.approx(expected.similarity_loss, rel=1e-5)
+        assert got.inverse_consistency_loss == pytest.approx(expected.inverse_consistency_loss, rel=2e-3)
+        assert got.flips == expected.flips
