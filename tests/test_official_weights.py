@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from icon_oracle import (SHAPE_2D, SHAPE_3D, icon_losses, image_pair, official_loss, official_network,
+from icon_oracle import (SHAPE_2D, SHAPE_3D, icon, icon_losses, image_pair, official_loss, official_network,
                          official_noise, randomize)
 
 import gradicon_fast.nn as gnn
@@ -114,6 +114,24 @@ def test_a_whole_loss_module_state_dict_loads_too(official, tmp_path):
     model = gnn.load_model(tmp_path / "loss.trch", shape=SHAPE_2D)
     assert model.config["steps"] == 3
     assert all(torch.equal(model.regis_net.state_dict()[k], v) for k, v in nets[2, 3].state_dict().items())
+
+
+def test_files_with_the_identity_maps_of_older_versions_load(official, tmp_path):
+    """Older icon_registration versions saved every wrapper's identity map with the weights: set aside,
+    the network's own gives the default input shape."""
+    nets, _ = official
+    net = nets[2, 4]
+    official_loss(net, (24, 30))  # every wrapper gets its identity map, at the shape "saved"
+    state = dict(net.state_dict())
+    for name, module in net.named_modules():
+        if isinstance(module, icon.RegistrationModule):
+            state[f"{name}.identity_map" if name else "identity_map"] = module.identity_map
+    assert len(state) > len(net.state_dict()) + 5
+    torch.save(state, tmp_path / "old.trch")
+    model = gnn.load_model(tmp_path / "old.trch")
+    assert model.input_shape == (24, 30) and model.config["steps"] == 4
+    assert all(torch.equal(model.regis_net.state_dict()[k], v) for k, v in net.state_dict().items())
+    assert gnn.load_model(tmp_path / "old.trch", shape=SHAPE_2D).input_shape == SHAPE_2D
 
 
 def test_a_gradicon_fast_model_takes_a_shape_but_not_a_preset(tmp_path):

@@ -132,7 +132,8 @@ def load_model(path, *, map_location="cpu", backend: str | None = None, preset: 
 
     Official files hold no input shape: it is ``shape``, or that of ``preset``
     (``unigradicon``, ``multigradicon``, ``lung``: 175³; ``knee``: 80×192×192; ``brain``: 130×155×130),
-    by default 175³. For gradicon_fast files ``shape`` replaces the saved input shape. ``overrides``
+    by default 175³ (or the shape of the identity maps that older ``icon_registration`` versions
+    saved with the weights). For gradicon_fast files ``shape`` replaces the saved input shape. ``overrides``
     replace other :func:`standard_network` arguments. Bad files and shapes raise a one-line
     ``gradicon_fast.io.InputError`` (a ``ValueError``).
     """
@@ -161,9 +162,9 @@ def load_model(path, *, map_location="cpu", backend: str | None = None, preset: 
     if official is None:
         raise InputError(f"model checkpoint {str(path)!r} is not a model: expected a gradicon_fast model or "
                          f"training checkpoint (a dict with 'config' and 'model') or {OFFICIAL_FORMAT}")
-    steps, state_dict = official
+    steps, state_dict, saved_shape = official
     dimension, image_channels = official_architecture(state_dict)
-    input_shape = input_shape_for(preset, shape, dimension, path)
+    input_shape = input_shape_for(preset, shape, dimension, path, saved_shape)
     config = dict(PUBLISHED_OBJECTIVE, steps=steps, image_channels=image_channels)
     config.update(overrides)
     model = standard_network(input_shape, backend=backend, **config)

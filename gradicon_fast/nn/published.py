@@ -3,8 +3,9 @@
 The official packages (``icon_registration``: the paper's lung, knee and brain models;
 ``unigradicon``: uniGradICON and multiGradICON) save a model as the ``torch.save``d state dict of
 its ``regis_net``: the standard network of docs/conventions.md §5, with the module and parameter
-names that :func:`gradicon_fast.nn.standard_network` uses. Such a file holds no input shape; it
-comes from a preset (the shape the model was trained at) or is given.
+names that :func:`gradicon_fast.nn.standard_network` uses. Such a file holds no input shape (unless
+an older version saved the identity maps with it); it comes from a preset (the shape the model was
+trained at) or is given.
 
 Every published model uses the same objective: sparse GradICON, λ = 1.5, LNCC with σ = 5, and
 four steps, the last at full resolution (3 steps for a stage-1 file); only the input shape differs.
@@ -12,7 +13,7 @@ four steps, the last at full resolution (3 steps for a stage-1 file); only the i
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -83,26 +84,42 @@ def _key_set(steps: int) -> frozenset:
 _OFFICIAL_KEYS: dict[int, frozenset] = {}
 
 
-def official_state_dict(blob) -> tuple[int, dict] | None:
-    """(steps, state dict of ``regis_net``) when ``blob`` is an official standard network's weights, else None.
+class OfficialWeights(NamedTuple):
+    steps: int                                # 4, or 3 for the stage-1 network
+    state_dict: dict                          # the weights, keys as in standard_network(...).regis_net
+    saved_shape: tuple[int, ...] | None       # the input shape the file was saved at, when it records one
+
+
+def _is_identity_map(key: str) -> bool:
+    return key == "identity_map" or key.endswith(".identity_map")
+
+
+def official_state_dict(blob) -> OfficialWeights | None:
+    """The weights of an official standard network in ``blob``, or None when it is something else.
 
     Recognised by its keys: those of the 4-step network or of the stage-1 3-step one, either bare (the
     published files) or under ``regis_net.`` (the state dict of a whole loss module such as
-    ``GradientICONSparse``).
+    ``GradientICONSparse``). Older ``icon_registration`` versions saved each module's identity map
+    with the weights: those are set aside, and the network's own tells the shape it was saved at.
     """
     if not isinstance(blob, Mapping) or not blob:
         return None
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in blob.items()):
         return None
+    weights = {k: v for k, v in blob.items() if not _is_identity_map(k)}
+    identity_maps = {k: v for k, v in blob.items() if _is_identity_map(k)}
     prefix = "regis_net."
-    if all(k.startswith(prefix) for k in blob):
-        blob = {k[len(prefix):]: v for k, v in blob.items()}
-    keys = frozenset(blob)
+    if weights and all(k.startswith(prefix) for k in weights):
+        weights = {k[len(prefix):]: v for k, v in weights.items()}
+        identity_maps = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in identity_maps.items()}
+    top = identity_maps.get("identity_map")
+    saved_shape = tuple(int(s) for s in top.shape[2:]) if top is not None and top.ndim in (4, 5) else None
+    keys = frozenset(weights)
     for steps in (4, 3):
         if steps not in _OFFICIAL_KEYS:
             _OFFICIAL_KEYS[steps] = _key_set(steps)
         if keys == _OFFICIAL_KEYS[steps]:
-            return steps, dict(blob)
+            return OfficialWeights(steps, weights, saved_shape)
     return None
 
 
@@ -112,14 +129,19 @@ def official_architecture(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, 
     return first.ndim - 2, first.shape[1] // 2
 
 
-def input_shape_for(preset: str | None, shape: Sequence[int] | None, dimension: int, path) -> tuple[int, ...]:
+def input_shape_for(preset: str | None, shape: Sequence[int] | None, dimension: int, path,
+                    saved_shape: Sequence[int] | None = None) -> tuple[int, ...]:
     """The network input shape for official weights of a ``dimension``-D network: ``shape``, else the
-    preset's, else the default preset's; one-line ``InputError`` when it cannot hold those weights."""
+    preset's, else the shape the file was saved at (``saved_shape``, when it records one), else the
+    default preset's; one-line ``InputError`` when it cannot hold those weights."""
     if preset is not None and shape is not None:
         raise InputError("give a model preset or a model shape, not both")
     if shape is not None:
         shape = tuple(int(s) for s in shape)
         source = f"model shape {'x'.join(map(str, shape))}"
+    elif preset is None and saved_shape is not None:
+        shape = tuple(saved_shape)
+        source = f"saved input shape {'x'.join(map(str, shape))}"
     else:
         name = DEFAULT_PRESET if preset is None else preset
         shape = preset_shape(name)
