@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from .networks import (
     Downsample,
     DisplacementField,
