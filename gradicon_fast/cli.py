@@ -312,8 +312,10 @@ def _add_common(p, *, backend=True, threads=False):
                        help="implementation of the ops (default: auto — fused kernels when available)")
     if threads:
         p.add_argument("--threads", type=int, default=None, metavar="N",
-                       help="CPU threads (torch.set_num_threads; default: torch's choice). On a machine shared "
-                       "with other jobs, 1 avoids OpenMP stalls")
+                       help="CPU threads (torch.set_num_threads; default: torch's choice, which follows "
+                       "OMP_NUM_THREADS). Model-free registration gives the same transforms for any N. On cores "
+                       "busy with other jobs, OpenMP's threads spin waiting on each other: use fewer threads "
+                       "there, or set OMP_WAIT_POLICY=PASSIVE in the environment")
     p.add_argument("-q", "--quiet", action="store_true", help="print only results and errors; no progress bars")
 
 
@@ -324,28 +326,13 @@ def _add_default_value(p):
 
 
 def _set_threads(args) -> None:
-    """``--threads N``, or by default one thread when the machine is already busy.
-
-    With more runnable processes than cores, OpenMP's spinning threads wait on each other at every
-    parallel region: measured on 2 shared cores, a registration took 4x longer (and 4x the CPU time)
-    with 2 threads than with 1. ``OMP_WAIT_POLICY=PASSIVE`` in the environment avoids that too, so
-    it disables this default.
-    """
+    """``--threads N`` if given, else torch's default: never derived from the machine's load, so that
+    a command's run time does not depend on what else happened to be running (--help says how to
+    avoid OpenMP stalls on busy cores)."""
     import torch
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-        return
-    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
-        return
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return
-    cores = os.cpu_count() or 1
-    if torch.get_num_threads() > 1 and load >= cores:
-        torch.set_num_threads(1)
-        _say(args, f"(the machine is busy: load {load:.1f} on {cores} cores; using 1 thread, --threads to override)")
 
 
 def _end_now_after_hdf5_failure(status: int) -> None:

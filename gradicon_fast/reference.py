@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .reduction import fixed_order_mean
+
 Tensor = torch.Tensor
 
 
@@ -219,7 +221,7 @@ def diffusion_energy(phi: Tensor) -> Tensor:
         du = _central_derivative(u, k)
         trim[k] = 0
         total = total + (_interior(du, trim) ** 2).sum(dim=1)
-    return total.mean()
+    return fixed_order_mean(total)  # the same bits for any thread count (gradicon_fast/reduction.py)
 
 
 def bending_energy(phi: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import functional as gfn
 from . import reference
+from .reduction import fixed_order_mean
 from .alignment import initial_alignment, overlap_fraction
 
 Tensor = torch.Tensor
@@ -114,14 +115,20 @@ def _band_matrix(size: int, taps: Tensor) -> Tensor:
 
 def _smooth_axes(x: Tensor, matrices: Sequence[Tensor]) -> Tensor:
     """Apply ``matrices[k]`` along spatial axis k of ``(B, C, *S)``, without transposing copies: the
-    axis is the middle one of a ``(before, S_k, after)`` view, multiplied from the left."""
+    axis is the middle one of a ``(before, S_k, after)`` view, multiplied from the left; the last
+    axis, the last one of a ``(B·C·S_0, rows, S_last)`` view, multiplied from the right.
+
+    Every product is a batched one: torch's single 2D product (MKL sgemm) rounds differently with
+    the number of threads (measured: 1 against 3 threads), the batched ones were bit-identical for
+    1-8 threads (tests/test_reproducibility.py checks it)."""
     shape = x.shape
     spatial = shape[2:]
     before = shape[0] * shape[1]
     for k, m in enumerate(matrices):
         after = math.prod(spatial[k + 1:])
-        if after == 1:
-            x = (x.reshape(before, spatial[k]) @ m.T).reshape(shape)
+        if after == 1 and k > 0:
+            batch = shape[0] * shape[1] * spatial[0]
+            x = torch.bmm(x.reshape(batch, before // batch, spatial[k]), m.T.expand(batch, *m.shape)).reshape(shape)
         else:
             x = torch.matmul(m, x.reshape(before, spatial[k], after)).reshape(shape)
         before *= spatial[k]
@@ -151,7 +158,7 @@ def lncc_loss(a: Tensor, b: Tensor, blur: GaussianBlur, *, squared: bool = False
     var_a = torch.relu(maa - ma * ma) + 1e-5
     var_b = torch.relu(mbb - mb * mb) + 1e-5
     cc = cov / torch.sqrt(var_a * var_b)
-    return 1 - torch.mean(cc * cc if squared else cc)
+    return 1 - fixed_order_mean(cc * cc if squared else cc)  # the same bits for any thread count
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,7 +248,7 @@ def _similarity_fn(kind: str, sigma: int, shape: Sequence[int], device) -> Calla
         squared = kind == "lncc2"
         return lambda a, b: lncc_loss(a, b, blur, squared=squared)
     if kind == "mse":
-        return lambda a, b: torch.mean((a - b) ** 2)
+        return lambda a, b: fixed_order_mean((a - b) ** 2)
     raise ValueError(f"unknown similarity {kind!r}: use 'lncc', 'lncc2' or 'mse'")
 
 

@@ -71,33 +71,45 @@ inline bool touches_only(const FieldRef<T, D>& f, int64_t b, T x0, const RowRang
   return lo >= range.lo && hi < range.hi;
 }
 
-// Runs body(item, ranges, deferred) for every item in [0, n) in parallel, without two threads
+// Pairs of slabs that for_each_item_owning_rows cuts the items into: a constant, not the thread
+// count, so that every gradient voxel receives its additions in the same order, and the rounded
+// sums come out bit-identical, whatever the number of threads (a registration's few ulps per step
+// otherwise grow through Adam into differences of millimetres). Two pairs: at lung scale the
+// penalty's points, visited in brick layers 16 rows deep (visiting_order.h), leave none of their
+// slab's rows with two pairs, but 4 % with four pairs and 32 % with eight, and a left point costs
+// a serial pass at the scalar kernels' speed; so more pairs would not be faster. The scattered
+// backward passes therefore use at most two threads.
+constexpr int64_t kSlabPairs = 2;
+
+// Runs body(item, ranges, deferred) for every item in [0, n), in parallel, without two threads
 // ever adding to the same gradient voxel. An item is one point or a group of points. The items
-// are cut into 2·T contiguous slabs (T threads), which run in two rounds: the even slabs, then
-// the odd ones, one thread per slab. Slab s owns rows [rows·(s - ½)/2T, rows·(s + 1½)/2T) of every
-// gradient target (target_rows[i] rows each): its own rows and half of each neighbour's, which
-// no other slab of the same round owns. body may add only there; a point that would touch a
-// row outside is left alone and its index appended to `deferred`; those points run afterwards
-// through single(point), on one thread with every row allowed. Points laid out in grid order
-// touch rows near their own, so (almost) none are deferred; any layout is correct.
+// are cut into 2·P contiguous slabs (P = kSlabPairs, or 1 when n < 2·min_items_per_slab: then one
+// slab owning every row), which run in two rounds: the even slabs, then the odd ones, one thread
+// per slab. Slab s owns rows [rows·(s - ½)/2P, rows·(s + 1½)/2P) of every gradient target
+// (target_rows[i] rows each): its own rows and half of each neighbour's, which no other slab of
+// the same round owns. body may add only there; a point that would touch a row outside is left
+// alone and its index appended to `deferred`; those points run afterwards through single(point),
+// on one thread with every row allowed, slab by slab. Points laid out in grid order touch rows
+// near their own, so (almost) none are deferred; any layout is correct. Which points each slab
+// adds, and in which order, depends on n and the data only: each gradient voxel gets its
+// additions in the same order for any number of threads.
 // body and single return a value per call (e.g. the loss of the points they processed); the
-// result is their sum, in an order fixed by n and the number of threads.
+// result is their sum, in an order fixed by n (slab by slab, then the deferred points).
 template <typename Body, typename Single>
-double for_each_item_owning_rows(int64_t n, const std::vector<int64_t>& target_rows, int64_t min_items_per_thread,
+double for_each_item_owning_rows(int64_t n, const std::vector<int64_t>& target_rows, int64_t min_items_per_slab,
                                  const Body& body, const Single& single) {
   const size_t targets = target_rows.size();
   std::vector<RowRange> all(targets);
   for (size_t i = 0; i < targets; ++i) all[i] = {0, target_rows[i]};
-  const int64_t threads =
-      std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n / std::max<int64_t>(min_items_per_thread, 1), 1));
-  const int64_t slabs = threads <= 1 ? 1 : 2 * threads;
+  const int64_t pairs = std::min<int64_t>(kSlabPairs, std::max<int64_t>(n / std::max<int64_t>(min_items_per_slab, 1), 1));
+  const int64_t slabs = pairs <= 1 ? 1 : 2 * pairs;
   std::vector<std::vector<int64_t>> deferred(slabs);
   std::vector<double> partial(slabs, 0.0);
   if (slabs == 1) {
     for (int64_t i = 0; i < n; ++i) partial[0] += body(i, all.data(), deferred[0]);
   } else {
     for (int64_t round = 0; round < 2; ++round) {
-      at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+      at::parallel_for(0, pairs, 1, [&](int64_t first, int64_t last) {
         std::vector<RowRange> own(targets);
         for (int64_t t = first; t < last; ++t) {
           const int64_t s = 2 * t + round;
