@@ -21,6 +21,8 @@ from .functional import (
     warp,
 )
 
+from .pair_registration import register
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "identity_map",
     "jacobian_determinant",
     "reference",
+    "register",
     "transform_points",
     "use_backend",
     "warp",

@@ -60,7 +60,8 @@ def _cmd_register(args) -> int:
                ("--transform-out", args.transform_out, io.FIELD_IMAGE_SUFFIXES + io.TRANSFORM_FILE_SUFFIXES),
                ("--inverse-transform-out", args.inverse_transform_out,
                 io.FIELD_IMAGE_SUFFIXES + io.TRANSFORM_FILE_SUFFIXES),
-               ("--affine-out", args.affine_out, AFFINE_FILE_SUFFIXES)]
+               ("--affine-out", args.affine_out, AFFINE_FILE_SUFFIXES),
+               ("--jacobian-out", args.jacobian_out, io.WRITABLE_IMAGE_SUFFIXES)]
     if all(path is None for _, path, _ in outputs):
         raise UsageError(f"no output requested: give at least one of {', '.join(option for option, _, _ in outputs)}")
     for option, path, suffixes in outputs:  # fail before the long computation
@@ -77,6 +78,7 @@ def _cmd_register(args) -> int:
         raise UsageError("--model-preset and --model-shape need --model")
     if args.model_preset is not None and args.model_shape is not None:
         raise UsageError("give --model-preset or --model-shape, not both")
+    _check_network_options(args)
 
     fixed = io.read_image(args.fixed, what="fixed image")
     moving = io.read_image(args.moving, what="moving image")
@@ -111,7 +113,9 @@ def _cmd_register(args) -> int:
                              settings=settings, model=model, io_iterations=args.io_iterations, backend=args.backend,
                              device=device, progress=not args.quiet, log=lambda m: _say(args, m),
                              default_value=args.default_value, init=args.init,
-                             warn=lambda m: _stderr(f"gradicon-fast register: warning: {m}"))
+                             warn=lambda m: _stderr(f"gradicon-fast register: warning: {m}"),
+                             fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
+                             mask_use=args.mask_use, io_similarity=args.io_similarity, io_lr=args.io_lr)
     with io.output_group():  # every output, or (when one cannot be written) none of them
         if args.warped_out:
             io.write_image(args.warped_out, result.warped, what="--warped-out file")
@@ -123,12 +127,53 @@ def _cmd_register(args) -> int:
         if args.affine_out:
             write_affine(args.affine_out, result.affine.matrix, result.affine.offset,
                          center=geometric_center(fixed.geometry), what="--affine-out file")
+        if args.jacobian_out:
+            _write_jacobian(args.jacobian_out, result.forward, what="--jacobian-out file")
     print(f"registered ({result.method}) in {result.seconds:.1f} s; folds: {result.fold_percentage:.4f} % of cells",
           flush=True)
     for option, path, _ in outputs:
         if path is not None:
             _say(args, f"wrote {path}")
     return 0
+
+
+def _check_network_options(args) -> None:
+    """The options of the published-network protocol need --model; --init and --affine-out are model-free."""
+    if args.model is None:
+        given = [option for option, value in (("--fixed-modality", args.fixed_modality),
+                                              ("--moving-modality", args.moving_modality),
+                                              ("--io-similarity", args.io_similarity), ("--io-lr", args.io_lr))
+                 if value is not None]
+        if args.mask_use != "input":
+            given.append("--mask-use")
+        if given:
+            raise UsageError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --model (model-free "
+                             f"registration normalises with --intensity and multiplies the images by their masks)")
+        if args.init is None:
+            args.init = "affine"
+        return
+    if args.init not in (None, "none"):
+        raise UsageError("--init is for model-free registration: with --model each image's voxel box is mapped onto "
+                         "the network grid, as the published pipeline does")
+    if args.affine_out is not None:
+        raise UsageError("--affine-out needs model-free registration (with --model there is no initial alignment)")
+    if args.io_lr is not None and not args.io_lr > 0:
+        raise UsageError("--io-lr must be > 0")
+    args.init = "none"
+
+
+def _write_jacobian(path: str, field, *, what: str) -> None:
+    """The Jacobian determinant of ``field``, one value per grid cell placed at the cell centre (half a voxel
+    from the field's origin), as an image."""
+    import numpy as np
+
+    from . import io
+
+    det = field.jacobian_determinant().numpy()
+    g = field.geometry
+    origin = g.index_to_physical(np.full(g.ndim, 0.5))
+    cells = io.Geometry(det.shape, g.spacing, tuple(origin), g.direction)
+    io.write_image(path, io.Image(det.astype("float32"), cells), what=what)
 
 
 def _nan_value_applied(args, image, name: str):
@@ -202,8 +247,6 @@ def _cmd_warp(args) -> int:
 
 
 def _cmd_jacobian(args) -> int:
-    import numpy as np
-
     from . import io
 
     if args.out:
@@ -214,11 +257,7 @@ def _cmd_jacobian(args) -> int:
     print(f"folds: {field.fold_percentage():.4f} % of {det.size} cells (negative Jacobian determinant); "
           f"determinant min {det.min():.4f}, mean {det.mean():.4f}, max {det.max():.4f}", flush=True)
     if args.out:
-        g = field.geometry
-        # one value per grid cell, placed at the cell centre (half a voxel from the field's origin)
-        origin = g.index_to_physical(np.full(g.ndim, 0.5))
-        cells = io.Geometry(det.shape, g.spacing, tuple(origin), g.direction)
-        io.write_image(args.out, io.Image(det.astype("float32"), cells), what="--out file")
+        _write_jacobian(args.out, field, what="--out file")
         _say(args, f"wrote {args.out}")
     return 0
 
@@ -362,8 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "convention; see docs/register.md).")
     p.add_argument("--fixed", required=True, metavar="F", help="fixed image (NIfTI, NRRD, MetaImage)")
     p.add_argument("--moving", required=True, metavar="M", help="moving image")
-    p.add_argument("--fixed-mask", metavar="MASK", help="mask of the fixed image (voxels > 0; same grid)")
-    p.add_argument("--moving-mask", metavar="MASK", help="mask of the moving image (voxels > 0; same grid)")
+    p.add_argument("--fixed-mask", "--fixed-segmentation", metavar="MASK", help="mask or segmentation of the fixed "
+                   "image (voxels > 0; same grid); multiplies the image (see --mask-use)")
+    p.add_argument("--moving-mask", "--moving-segmentation", metavar="MASK", help="mask or segmentation of the moving "
+                   "image (voxels > 0; same grid)")
     p.add_argument("--warped-out", metavar="W", help="moving image resampled on the fixed grid (.nii.gz, .nrrd, .mha)")
     _add_default_value(p)
     p.add_argument("--transform-out", metavar="T", help="fixed→moving displacement field: .nii.gz (ANTs-style "
@@ -378,18 +419,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="CKPT", help="trained network checkpoint (gradicon_fast.nn.save_model / "
                    "training output) or official weight file (uniGradICON, multiGradICON, the GradICON paper's models)")
     p.add_argument("--io-iterations", type=int, default=None, metavar="N",
-                   help="instance-optimisation steps with --model (default 50)")
+                   help="instance-optimisation steps with --model (default 50; 0: the network's maps as they are)")
     p.add_argument("--model-preset", choices=("unigradicon", "multigradicon", "lung", "knee", "brain"),
                    help="input shape of an official weight file (icon_registration / uniGradICON regis_net state "
                    "dict): unigradicon, multigradicon, lung 175³ (the default), knee 80×192×192, brain 130×155×130")
     p.add_argument("--model-shape", type=int, nargs="+", metavar="N", help="input shape of the network: for an "
                    "official weight file instead of a preset; for a gradicon_fast model instead of its saved shape")
-    p.add_argument("--init", choices=("none", "center", "moments", "affine"), default="affine",
-                   help="initial alignment, included in the output transforms: none (trust the headers' world "
-                   "coordinates), center (of the image boxes), moments (centres of mass), affine (default: an affine "
-                   "fitted from the best of those three; registers scans that lie far apart)")
+    p.add_argument("--init", choices=("none", "center", "moments", "affine"), default=None,
+                   help="initial alignment of model-free registration, included in the output transforms: none (trust "
+                   "the headers' world coordinates), center (of the image boxes), moments (centres of mass), affine "
+                   "(default: an affine fitted from the best of those three; registers scans that lie far apart)")
     p.add_argument("--affine-out", metavar="A", help="the initial alignment alone as an ITK affine transform file "
                    "(.mat as ANTs writes, .txt/.tfm); --transform-out already includes it")
+    p.add_argument("--jacobian-out", metavar="J", help="Jacobian determinant of the fixed→moving transform, one value "
+                   "per cell of the fixed grid (.nii.gz, .nrrd, .mha), as 'gradicon-fast jacobian --out' writes it")
+    g = p.add_argument_group("networks (--model): the published uniGradICON protocol")
+    g.add_argument("--fixed-modality", choices=("ct", "mri"), help="preprocessing of the fixed image as "
+                   "unigradicon-register does: ct clamps to [-1000, 1000] HU, mri to [minimum, 99th percentile], both "
+                   "scaled to [0, 1] (default: --intensity)")
+    g.add_argument("--moving-modality", choices=("ct", "mri"), help="the same for the moving image")
+    g.add_argument("--io-similarity", choices=("lncc", "lncc2", "mind"), help="similarity of the instance "
+                   "optimisation: lncc, lncc2 (squared) or mind (MIND-SSC, radius 2, dilation 2; 3D); default: the "
+                   "model's own (LNCC σ=5 for the published models)")
+    g.add_argument("--io-lr", type=float, metavar="LR", help="Adam step of the instance optimisation (default 2e-5)")
+    g.add_argument("--mask-use", choices=("input", "loss", "both"), default="input",
+                   help="what the masks do: input multiplies the images (default), loss restricts the instance "
+                   "optimisation's similarity to them (loss-function masking; needs both masks), both does both")
     g = p.add_argument_group("model-free registration")
     g.add_argument("--iterations", type=int, nargs="+", metavar="N", help="Adam steps per level, coarse to fine "
                    "(default 100 100 50)")

@@ -366,7 +366,7 @@ class ImageRegistration:
     the moving image; what resamples the moving image onto the fixed one); ``inverse`` the
     moving→fixed field on the moving image's grid; ``warped`` the moving image (original intensities)
     resampled on the fixed grid. ``chain_AB``/``chain_BA`` are the raw chains in the [0, 1]
-    coordinates of the fixed grid.
+    coordinates of the fixed grid (with a model: the network's, in its grid's coordinates).
     """
 
     forward: object             # io.DisplacementField
@@ -379,6 +379,14 @@ class ImageRegistration:
     method: str
     details: dict = field(default_factory=dict)
     affine: object = None       # alignment.Affine: the initial alignment (fixed→moving, mm), included in forward
+
+    @property
+    def metrics(self) -> dict:
+        """Folds, the Jacobian determinant of ``forward`` (min, mean, max over the fixed grid's cells), time."""
+        det = self.forward.jacobian_determinant()
+        return dict(fold_percentage=self.fold_percentage, jacobian_min=float(det.min()),
+                    jacobian_mean=float(det.mean()), jacobian_max=float(det.max()), seconds=self.seconds,
+                    method=self.method)
 
 
 def _prepare(image, preset: str, mask: np.ndarray | None) -> np.ndarray:
@@ -395,7 +403,9 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
                     model=None, io_iterations: int = 50, backend: str | None = None, device: str | None = None,
                     progress: bool = False, log: Callable[[str], None] | None = None,
                     default_value: float = 0.0, init: str = "affine", affine_settings=None,
-                    warn: Callable[[str], None] | None = None) -> ImageRegistration:
+                    warn: Callable[[str], None] | None = None, fixed_modality: str | None = None,
+                    moving_modality: str | None = None, mask_use: str = "input", io_similarity: str | None = None,
+                    io_lr: float | None = None) -> ImageRegistration:
     """Register ``moving`` to ``fixed`` (:class:`~gradicon_fast.io.Image` s on any grids, physical space).
 
     Intensities are normalised (``intensity`` preset per image, see :func:`gradicon_fast.io.normalize_intensity`),
@@ -403,10 +413,17 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
     alignment (``init``, see :func:`gradicon_fast.alignment.initial_alignment`: ``"none"`` trusts the
     headers' world coordinates, the default ``"affine"`` also registers scans that lie far apart), which
     the exported fields include (``affine`` holds it alone). Without
-    ``model``, the fields are optimised directly (:func:`register`); with a
-    :class:`gradicon_fast.nn.GradICON` ``model``, the network registers the pair at its input shape
-    after ``io_iterations`` steps of instance optimisation. Both give chains in the fixed grid's
-    [0, 1] coordinates, evaluated here at full resolution. ``warped`` is the moving image resampled
+    ``model``, the fields are optimised directly (:func:`register`), chains in the fixed grid's [0, 1]
+    coordinates evaluated here at full resolution. With a :class:`gradicon_fast.nn.GradICON` ``model``,
+    the pair is registered as the published uniGradICON pipeline does (:mod:`gradicon_fast.published_protocol`):
+    ``fixed_modality``/``moving_modality`` ("ct" or "mri", else the ``intensity`` preset) normalise the
+    images, each image's voxel box is stretched onto the network grid (no initial alignment: ``init``
+    must be "none"), ``io_iterations`` steps of instance optimisation (``io_similarity`` "lncc", "lncc2"
+    or "mind", default the model's; step ``io_lr``, default 2e-5) precede the network's maps, which are
+    mapped back through both images' headers; the chains are then the network's, in its grid's
+    coordinates. ``mask_use`` says what the masks do: "input" multiplies the images (the default),
+    "loss" restricts the instance optimisation's similarity to them (both masks needed), "both" does
+    both. ``warped`` is the moving image resampled
     as ITK/ANTs resample it with ``forward``: ``default_value`` where a point falls outside the moving
     image (docs/conventions.md §7).
     """
@@ -420,6 +437,20 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
     io.check_finite(moving, "moving image")
     device = torch.device(device or "cpu")
     start = time.perf_counter()
+    if model is not None:
+        _warn_anisotropy(fixed, moving, warn)
+        return _register_with_model(model, fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                                    intensity=intensity, fixed_modality=fixed_modality,
+                                    moving_modality=moving_modality, mask_use=mask_use, init=init,
+                                    io_iterations=io_iterations, io_similarity=io_similarity, io_lr=io_lr,
+                                    backend=backend, cpu_backend=cpu_backend, log=log, default_value=default_value,
+                                    start=start)
+    if fixed_modality is not None or moving_modality is not None:
+        raise io.InputError("an image modality (ct or mri) selects the preprocessing of a network: it needs a model "
+                            "(model-free registration normalises with the intensity preset)")
+    if mask_use != "input":
+        raise io.InputError(f"mask use {mask_use!r} needs a model: model-free registration multiplies the images "
+                            f"by their masks")
     fixed_array = _prepare(fixed, intensity, fixed_mask)
     moving_array = _prepare(moving, intensity, moving_mask)
     _warn_anisotropy(fixed, moving, warn)
@@ -442,23 +473,17 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
             raise io.InputError(f"the {name} image is constant after intensity normalisation and masking: nothing "
                                 f"to register")
     details: dict = {"overlap": overlap, "alignment": alignment}
-    if model is None:
-        settings = settings or RegistrationSettings()
-        spacing = fixed.geometry.spacing if settings.physical_grid else None
-        loss_shape = loss_grid_shape(fixed.shape, settings.max_size, spacing, settings.max_voxels)
-        loss_spacing = [(n - 1) * h / max(m - 1, 1) for n, h, m in zip(fixed.shape, fixed.geometry.spacing, loss_shape)]
-        log(f"model-free registration on a {'x'.join(map(str, loss_shape))} loss grid of "
-            f"{'x'.join(f'{h:.2f}' for h in loss_spacing)} mm: {settings.describe()}")
-        result = register(b, a, settings=settings, spacing=fixed.geometry.spacing, backend=backend, progress=progress)
-        chain_ab, chain_ba = result.chain_AB, result.chain_BA
-        method = "model-free"
-        details.update(loss_shape=list(result.loss_shape), settings=settings.as_dict(),
-                       final_loss=result.loss_history[-1][1] if result.loss_history else None)
-    else:
-        chain_ab, chain_ba = _register_with_model(model, b, a, io_iterations=io_iterations, backend=backend,
-                                                  progress=progress, log=log)
-        method = f"network + {io_iterations} instance-optimisation steps"
-        details.update(input_shape=list(model.input_shape), io_iterations=io_iterations)
+    settings = settings or RegistrationSettings()
+    spacing = fixed.geometry.spacing if settings.physical_grid else None
+    loss_shape = loss_grid_shape(fixed.shape, settings.max_size, spacing, settings.max_voxels)
+    loss_spacing = [(n - 1) * h / max(m - 1, 1) for n, h, m in zip(fixed.shape, fixed.geometry.spacing, loss_shape)]
+    log(f"model-free registration on a {'x'.join(map(str, loss_shape))} loss grid of "
+        f"{'x'.join(f'{h:.2f}' for h in loss_spacing)} mm: {settings.describe()}")
+    result = register(b, a, settings=settings, spacing=fixed.geometry.spacing, backend=backend, progress=progress)
+    chain_ab, chain_ba = result.chain_AB, result.chain_BA
+    method = "model-free"
+    details.update(loss_shape=list(result.loss_shape), settings=settings.as_dict(),
+                   final_loss=result.loss_history[-1][1] if result.loss_history else None)
     chain_ab = [c.detach().float().cpu() for c in chain_ab]
     chain_ba = [c.detach().float().cpu() for c in chain_ba]
 
@@ -493,26 +518,48 @@ def _warn_anisotropy(fixed, moving, warn: Callable[[str], None] | None) -> None:
             warn(message)
 
 
-def _register_with_model(model, fixed: Tensor, moving: Tensor, *, io_iterations: int, backend: str | None,
-                         progress: bool, log: Callable[[str], None]):
-    """The network's chains for (A = moving, B = fixed) at its input shape, after instance optimisation."""
-    from .io import InputError
+def _register_with_model(model, fixed, moving, *, fixed_mask, moving_mask, intensity: str, fixed_modality,
+                         moving_modality, mask_use: str, init: str, io_iterations: int, io_similarity, io_lr,
+                         backend, cpu_backend, log, default_value: float, start: float) -> ImageRegistration:
+    """:func:`register_images` with a network: the published pipeline (gradicon_fast.published_protocol)."""
+    from . import io
+    from . import published_protocol as protocol
 
-    shape = tuple(model.input_shape)
-    if len(shape) != fixed.ndim - 2:
-        raise InputError(f"the model registers {len(shape)}D images but the images are {fixed.ndim - 2}D")
-    param = next(model.parameters())
-    a = resize(moving, shape, antialias=True).to(param.device)
-    b = resize(fixed, shape, antialias=True).to(param.device)
-    if backend is not None:
-        model.backend = backend
-    log(f"network registration at {'x'.join(map(str, shape))}, {io_iterations} instance-optimisation steps")
-    if io_iterations > 0:
-        from .train import instance_optimize
-
-        result = instance_optimize(model, a, b, steps=io_iterations)
-    else:
-        model.eval()
-        with torch.no_grad():
-            result = model.register(a, b).detach()
-    return result.chain_AB, result.chain_BA
+    if init != "none":
+        raise io.InputError(f"initial alignment {init!r} is for model-free registration: with a model each image's "
+                            f"voxel box is mapped onto the network grid, as the published pipeline does (use 'none')")
+    if mask_use not in ("input", "loss", "both"):
+        raise ValueError(f"mask_use must be 'input', 'loss' or 'both', got {mask_use!r}")
+    if io_iterations < 0:
+        raise ValueError(f"io_iterations must be >= 0, got {io_iterations}")
+    if mask_use != "input" and (fixed_mask is None or moving_mask is None):
+        raise io.InputError(f"mask use {mask_use!r} (loss-function masking) needs both a fixed and a moving mask")
+    multiply = mask_use in ("input", "both")
+    arrays = []
+    for what, image, modality, mask in (("fixed image", fixed, fixed_modality, fixed_mask),
+                                        ("moving image", moving, moving_modality, moving_mask)):
+        mask = mask if multiply else None
+        if modality is None:
+            array = _prepare(image, intensity, mask)
+        elif modality in protocol.MODALITIES:
+            array = protocol.preprocess(image.array, modality, mask, what=what)
+        else:
+            raise ValueError(f"unknown modality {modality!r}: use 'ct' or 'mri'")
+        if not float(array.max() - array.min()) > 0:
+            raise io.InputError(f"the {what} is constant after intensity normalisation and masking: nothing to "
+                                f"register")
+        arrays.append(array)
+    loss_masks = (fixed_mask, moving_mask) if mask_use in ("loss", "both") else (None, None)
+    forward, inverse, result = protocol.register_with_network(
+        model, fixed, moving, arrays[0], arrays[1], fixed_loss_mask=loss_masks[0], moving_loss_mask=loss_masks[1],
+        io_iterations=io_iterations, io_similarity=io_similarity,
+        io_lr=protocol.IO_LEARNING_RATE if io_lr is None else io_lr, backend=backend, log=log)
+    warped = io.warp_image(moving, forward, default_value=default_value, backend=cpu_backend)
+    details = dict(input_shape=list(model.input_shape), io_iterations=io_iterations, mask_use=mask_use,
+                   io_similarity=io_similarity, fixed_modality=fixed_modality, moving_modality=moving_modality,
+                   axes_reversed=protocol.uses_reversed_axes(model))
+    chain_ab = [c.detach().float().cpu() for c in result.chain_AB]
+    chain_ba = [c.detach().float().cpu() for c in result.chain_BA]
+    method = f"network + {io_iterations} instance-optimisation steps"
+    return ImageRegistration(forward, inverse, warped, chain_ab, chain_ba, forward.fold_percentage(),
+                             time.perf_counter() - start, method, details, None)

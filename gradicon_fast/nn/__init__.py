@@ -172,4 +172,6 @@ def load_model(path, *, map_location="cpu", backend: str | None = None, preset: 
         details = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise InputError(f"model checkpoint {str(path)!r}: the weights do not fit the standard network: "
                          f"{details[1] if len(details) > 1 else details[0]}") from None
+    # trained on numpy arrays of itk images (axes reversed from ours): gradicon_fast.published_protocol
+    model.weights_format = "official"
     return model

@@ -47,7 +47,8 @@ class GradICON(nn.Module):
     - ``backend``: the gradicon_fast backend for every op (``None``: the current one).
 
     ``forward(image_A, image_B, *, noise=None, generator=None)`` returns :class:`LossTerms`;
-    ``noise`` (shape :meth:`noise_shape`) or ``generator`` fix the penalty's random points.
+    ``noise`` (shape :meth:`noise_shape`) or ``generator`` fix the penalty's random points; ``mask_A`` /
+    ``mask_B`` (on the input grid) restrict the similarity of the direction onto A / B to their non-zero voxels.
     ``register(image_A, image_B)`` returns the :class:`RegistrationResult`.
     """
 
@@ -119,7 +120,8 @@ class GradICON(nn.Module):
         return energy(result.map("AB", shape)) + energy(result.map("BA", shape))
 
     def forward(self, image_A: Tensor, image_B: Tensor, *, noise: Tensor | None = None,
-                generator: torch.Generator | None = None) -> LossTerms:
+                generator: torch.Generator | None = None, mask_A: Tensor | None = None,
+                mask_B: Tensor | None = None) -> LossTerms:
         self._check_images(image_A, image_B)
         image_A = image_A.float()
         image_B = image_B.float()
@@ -132,7 +134,8 @@ class GradICON(nn.Module):
                 result = RegistrationResult(chain_AB, chain_BA, self.input_shape)
                 warped_A = gf.warp(image_A, chain_AB)
                 warped_B = gf.warp(image_B, chain_BA)
-                similarity = self.similarity(warped_A, image_B) + self.similarity(warped_B, image_A)
+                # loss-function masking: each direction's similarity over its target image's mask
+                similarity = self.similarity(warped_A, image_B, mask_B) + self.similarity(warped_B, image_A, mask_A)
                 regularization = self.regularization(result, noise=noise, generator=generator)
                 total = self.lmbda * regularization + similarity
                 with torch.no_grad():

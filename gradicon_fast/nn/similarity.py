@@ -1,4 +1,5 @@
-"""Image similarity losses (docs/conventions.md §3): LNCC(σ), squared LNCC, MSE. Lower is better; all are scalars.
+"""Image similarity losses (docs/conventions.md §3): LNCC(σ), squared LNCC, MSE, MIND-SSC (:mod:`.mind`).
+Lower is better; all are scalars, means over the voxels (over those where a mask is non-zero, when given).
 
 ``G∗`` is a separable Gaussian blur: 1-D taps at ``x = -(k-1)/2 … (k-1)/2``, ``k = 4σ + 1``,
 weights ``exp(-x²/2σ²)`` normalised to sum 1, applied as a depthwise convolution along every
@@ -79,25 +80,36 @@ def mse_loss(image_I: Tensor, image_J: Tensor) -> Tensor:
 
 
 class Similarity(nn.Module):
-    """``Similarity("lncc" | "squared_lncc" | "mse", sigma=5)``: ``forward(I, J)`` → scalar loss."""
+    """``Similarity("lncc" | "squared_lncc" | "mse" | "mind", sigma=5)``: ``forward(I, J, mask=None)`` → scalar
+    loss; ``mask`` (broadcast like ``J``) restricts the mean to its non-zero voxels, as the published
+    uniGradICON's loss-function masking does. ``"mind"``: MIND-SSC, radius 2, dilation 2 (3D)."""
 
-    NAMES = ("lncc", "squared_lncc", "mse")
+    NAMES = ("lncc", "squared_lncc", "mse", "mind")
 
     def __init__(self, name: str = "lncc", sigma: int = 5):
         super().__init__()
         if name not in self.NAMES:
             raise ValueError(f"similarity must be one of {', '.join(map(repr, self.NAMES))}, got {name!r}")
-        if name != "mse":
+        if name in ("lncc", "squared_lncc"):
             gaussian_taps(sigma)  # validates sigma
         self.name = name
         self.sigma = int(sigma)
 
-    def forward(self, image_I: Tensor, image_J: Tensor) -> Tensor:
-        if self.name == "lncc":
-            return lncc_loss(image_I, image_J, self.sigma)
-        if self.name == "squared_lncc":
-            return squared_lncc_loss(image_I, image_J, self.sigma)
-        return mse_loss(image_I, image_J)
+    def forward(self, image_I: Tensor, image_J: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None:
+            if self.name == "lncc":
+                return lncc_loss(image_I, image_J, self.sigma)
+            if self.name == "squared_lncc":
+                return squared_lncc_loss(image_I, image_J, self.sigma)
+        from .mind import masked_mean, mind_loss
+
+        if self.name == "mind":
+            return mind_loss(image_I, image_J, mask)
+        if self.name == "mse":
+            mse_loss(image_I, image_J)  # checks the shapes
+            return masked_mean((image_I.float() - image_J.float()) ** 2, mask)
+        cc = lncc(image_I, image_J, self.sigma)
+        return 1 - masked_mean(cc * cc if self.name == "squared_lncc" else cc, mask)
 
     def extra_repr(self) -> str:
-        return f"{self.name!r}" + ("" if self.name == "mse" else f", sigma={self.sigma}")
+        return f"{self.name!r}" + ("" if self.name in ("mse", "mind") else f", sigma={self.sigma}")

@@ -17,12 +17,14 @@ from ..nn import GradICON
 
 def instance_optimize(model: GradICON, image_A: torch.Tensor, image_B: torch.Tensor, *, steps: int = 50,
                       lr: float = 2e-5, generator: torch.Generator | None = None,
-                      return_losses: bool = False):
+                      return_losses: bool = False, mask_A: torch.Tensor | None = None,
+                      mask_B: torch.Tensor | None = None):
     """Register (A, B) after ``steps`` Adam steps of ``model``'s loss on this pair; ``model`` is left unchanged.
 
     Returns the :class:`RegistrationResult` (detached), or ``(result, losses)`` with
     ``return_losses=True`` (the total loss before each step, then after the last).
-    ``generator`` fixes the penalty's random points.
+    ``generator`` fixes the penalty's random points; ``mask_A``/``mask_B`` mask the similarity (see
+    :meth:`GradICON.forward`).
     """
     model = getattr(model, "module", model)
     if steps < 0:
@@ -40,7 +42,7 @@ def instance_optimize(model: GradICON, image_A: torch.Tensor, image_B: torch.Ten
         with torch.enable_grad():
             for _ in range(steps):
                 optimizer.zero_grad(set_to_none=True)
-                terms = model(image_A, image_B, generator=generator)
+                terms = model(image_A, image_B, generator=generator, mask_A=mask_A, mask_B=mask_B)
                 if not torch.isfinite(terms.total):
                     raise FloatingPointError(f"instance optimisation: non-finite loss after {len(losses)} steps "
                                              f"(similarity {float(terms.similarity.detach())}, "
@@ -51,7 +53,7 @@ def instance_optimize(model: GradICON, image_A: torch.Tensor, image_B: torch.Ten
         with torch.no_grad():
             result = model.register(image_A, image_B).detach()
             if return_losses:
-                losses.append(float(model(image_A, image_B, generator=generator).total))
+                losses.append(float(model(image_A, image_B, generator=generator, mask_A=mask_A, mask_B=mask_B).total))
     finally:
         model.load_state_dict(saved_state)
         for m, mode in saved_modes.items():
