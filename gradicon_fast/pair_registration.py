@@ -83,8 +83,6 @@ def register(fixed, moving, model=None, *, fixed_mask=None, moving_mask=None, fi
     fixed_mask = _mask(fixed_mask, fixed_image, "fixed mask")
     moving_mask = _mask(moving_mask, moving_image, "moving mask")
     model = _model(model, device, backend, model_preset, model_shape)
-    if init is None:
-        init = "affine" if model is None else "none"
     return register_images(fixed_image, moving_image, fixed_mask=fixed_mask, moving_mask=moving_mask,
                            intensity=intensity, settings=settings, model=model, io_iterations=io_iterations,
                            backend=backend, device=device, progress=progress, log=log, default_value=default_value,

@@ -402,7 +402,7 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
                     intensity: str = "auto", settings: RegistrationSettings | None = None,
                     model=None, io_iterations: int = 50, backend: str | None = None, device: str | None = None,
                     progress: bool = False, log: Callable[[str], None] | None = None,
-                    default_value: float = 0.0, init: str = "affine", affine_settings=None,
+                    default_value: float = 0.0, init: str | None = None, affine_settings=None,
                     warn: Callable[[str], None] | None = None, fixed_modality: str | None = None,
                     moving_modality: str | None = None, mask_use: str = "input", io_similarity: str | None = None,
                     io_lr: float | None = None) -> ImageRegistration:
@@ -411,14 +411,15 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
     Intensities are normalised (``intensity`` preset per image, see :func:`gradicon_fast.io.normalize_intensity`),
     masks multiply their images, and the moving image is resampled on the fixed grid through an initial
     alignment (``init``, see :func:`gradicon_fast.alignment.initial_alignment`: ``"none"`` trusts the
-    headers' world coordinates, the default ``"affine"`` also registers scans that lie far apart), which
+    headers' world coordinates, ``"affine"``, the default without a model, also registers scans that lie
+    far apart), which
     the exported fields include (``affine`` holds it alone). Without
     ``model``, the fields are optimised directly (:func:`register`), chains in the fixed grid's [0, 1]
     coordinates evaluated here at full resolution. With a :class:`gradicon_fast.nn.GradICON` ``model``,
     the pair is registered as the published uniGradICON pipeline does (:mod:`gradicon_fast.published_protocol`):
     ``fixed_modality``/``moving_modality`` ("ct" or "mri", else the ``intensity`` preset) normalise the
     images, each image's voxel box is stretched onto the network grid (no initial alignment: ``init``
-    must be "none"), ``io_iterations`` steps of instance optimisation (``io_similarity`` "lncc", "lncc2"
+    is "none"), ``io_iterations`` steps of instance optimisation (``io_similarity`` "lncc", "lncc2"
     or "mind", default the model's; step ``io_lr``, default 2e-5) precede the network's maps, which are
     mapped back through both images' headers; the chains are then the network's, in its grid's
     coordinates. ``mask_use`` says what the masks do: "input" multiplies the images (the default),
@@ -441,7 +442,7 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
         _warn_anisotropy(fixed, moving, warn)
         return _register_with_model(model, fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask,
                                     intensity=intensity, fixed_modality=fixed_modality,
-                                    moving_modality=moving_modality, mask_use=mask_use, init=init,
+                                    moving_modality=moving_modality, mask_use=mask_use, init=init or "none",
                                     io_iterations=io_iterations, io_similarity=io_similarity, io_lr=io_lr,
                                     backend=backend, cpu_backend=cpu_backend, log=log, default_value=default_value,
                                     start=start)
@@ -451,6 +452,7 @@ def register_images(fixed, moving, *, fixed_mask: np.ndarray | None = None, movi
     if mask_use != "input":
         raise io.InputError(f"mask use {mask_use!r} needs a model: model-free registration multiplies the images "
                             f"by their masks")
+    init = init or "affine"
     fixed_array = _prepare(fixed, intensity, fixed_mask)
     moving_array = _prepare(moving, intensity, moving_mask)
     _warn_anisotropy(fixed, moving, warn)
