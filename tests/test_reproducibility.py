@@ -117,7 +117,7 @@ def test_gradicon_loss_and_gradients_same_bits_any_thread_count(rng, threads, mo
 
 
 @requires_cpu_kernels
-def test_warp_and_point_gradients_same_bits_any_thread_count(rng, threads):
+def test_warp_points_icon_analytic_same_bits_any_thread_count(rng, threads):
     chain = _chain(rng, [(14, 12, 13), (30, 28, 29)])
     image = torch.rand((1, 1, 30, 28, 29), generator=rng).requires_grad_()
     points = random_points(rng, 1, 3, (25, 27, 26)).float().requires_grad_()
@@ -129,10 +129,13 @@ def test_warp_and_point_gradients_same_bits_any_thread_count(rng, threads):
         moved = gf.transform_points(chain, points, backend="cpu")
         gen = torch.Generator().manual_seed(7)
         icon = gf.icon_loss(chain, chain[::-1], shape=(30, 28, 29), generator=gen, backend="cpu")
-        return ([warped.detach(), moved.detach(), icon.detach()]
+        analytic = gf.gradicon_loss(chain, chain[::-1], shape=(30, 28, 29), stride=2, mode="analytic",
+                                    generator=gen, backend="cpu")
+        return ([warped.detach(), moved.detach(), icon.detach(), analytic.detach()]
                 + list(torch.autograd.grad(warped, chain + [image], grad_warp))
                 + list(torch.autograd.grad(moved, chain + [points], grad_points))
-                + list(torch.autograd.grad(icon, chain)))
+                + list(torch.autograd.grad(icon, chain))
+                + list(torch.autograd.grad(analytic, chain)))
 
     _assert_same_bits(_each_thread_count(threads, compute))
 
