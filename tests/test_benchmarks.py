@@ -151,3 +151,61 @@ def test_runner_tiny_cuda(tmp_path):
         assert _positive_finite(r["bandwidth"]["fwd_bwd_gb_per_s"])
         for other in case["results"].values():
             assert other["status"] in ("ok", "error")
+
+
+def _official_report_checks(result: dict, size: int, steps: int) -> None:
+    from benchmarks import official
+
+    assert result["benchmark"] == "official" and result["device"].startswith("cpu-")
+    assert result["config"]["size"] == size and result["config"]["steps"] == steps
+    assert set(result["sides"]) == set(official.SIDES)
+    for side, r in result["sides"].items():
+        assert r["ok"], (side, r.get("error"), r.get("stderr"))
+        assert r["side"] == side and r["size"] == size
+        fwd = r["forward"]
+        assert fwd["peak_reset"] and _positive_finite(fwd["seconds"]) and fwd["extra_mb"] >= 0
+        if steps:
+            io = r["io_step"]
+            assert len(io["seconds_all"]) == steps and _positive_finite(io["seconds"]) and io["extra_mb"] >= 0
+            assert len(io["similarity_per_step"]) == steps + 1  # the warm-up step, then the timed ones
+    # The same weight file and images on both sides: the same maps and the same similarity term.
+    ours, theirs = result["sides"]["gradicon_fast"], result["sides"]["official"]
+    assert min(theirs["forward"]["mean_abs_displacement"]) > 1e-5  # the random weights move points
+    assert ours["forward"]["mean_abs_displacement"] == pytest.approx(theirs["forward"]["mean_abs_displacement"],
+                                                                      rel=1e-3)
+    if steps:
+        assert ours["io_step"]["similarity_per_step"][0] == pytest.approx(
+            theirs["io_step"]["similarity_per_step"][0], rel=1e-4)
+
+
+def test_official_benchmark_forward(tmp_path):
+    """``python -m benchmarks official`` at the official U-Net's smallest grid, forward registration only."""
+    pytest.importorskip("icon_registration")
+    import subprocess
+
+    out = tmp_path / "official.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "official", "--size", "65", "--steps", "0",
+                           "--output", str(out)], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "forward registration, s" in proc.stdout and "instance-optimisation" not in proc.stdout
+    _official_report_checks(json.loads(out.read_text()), 65, 0)
+
+
+@pytest.mark.slow
+def test_official_benchmark_steps(tmp_path):
+    """The same with one timed instance-optimisation step on each side (minutes on two cores)."""
+    pytest.importorskip("icon_registration")
+    from benchmarks import official
+
+    out = tmp_path / "official.json"
+    assert official.main(["--size", "65", "--steps", "1", "--output", str(out)]) == 0
+    _official_report_checks(json.loads(out.read_text()), 65, 1)
+
+
+def test_official_benchmark_bad_options():
+    from benchmarks import official
+
+    with pytest.raises(SystemExit, match="--size must be >= 65"):
+        official.main(["--size", "64"])
+    with pytest.raises(SystemExit, match="--steps must be >= 0"):
+        official.main(["--steps", "-1"])
