@@ -11,9 +11,9 @@ Backends:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib.util
 import os
+import threading
 import warnings
 
 import torch
@@ -22,7 +22,21 @@ from . import _extension
 
 KNOWN = ("auto", "torch", "cpu", "cuda", "triton")
 
-_current = contextvars.ContextVar("gradicon_fast_backend", default="auto")
+
+
+class _Choice(threading.local):
+    """The backend chosen by ``use_backend`` in this thread.
+
+    A thread-local attribute rather than a ContextVar: ``torch.compile`` reads it while tracing and
+    guards the compiled graph on its value (a later call under another ``use_backend`` recompiles),
+    whereas it cannot trace ``ContextVar.get``.
+    """
+
+    def __init__(self):
+        self.name = "auto"  # set per thread: each new thread starts on "auto"
+
+
+_choice = _Choice()
 _warned: set[str] = set()
 
 
@@ -35,15 +49,15 @@ def _check_name(name: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the ops inside the block on backend ``name`` (``"auto"`` picks per call)."""
-    token = _current.set(_check_name(name))
+    previous, _choice.name = _choice.name, _check_name(name)
     try:
         yield
     finally:
-        _current.reset(token)
+        _choice.name = previous
 
 
 def current_backend() -> str:
-    return _current.get()
+    return _choice.name
 
 
 def _triton_reason() -> str | None:
@@ -88,7 +102,7 @@ def triton_interpreted() -> bool:
 
 def resolve(requested: str | None, device: torch.device) -> str:
     """The concrete backend that runs an op on tensors of ``device``."""
-    name = _check_name(requested) if requested is not None else _current.get()
+    name = _check_name(requested) if requested is not None else _choice.name
     if name == "auto":
         if device.type == "cpu":
             if _extension.loaded():

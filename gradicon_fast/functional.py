@@ -13,20 +13,15 @@ import torch
 
 from . import _validation as V
 from . import backend_registry as _backends
+from . import penalty_noise as _noise
 from . import reference as _ref
 
 Tensor = torch.Tensor
 
-_fused = None
-
-
 def _fused_ops():
-    global _fused
-    if _fused is None:
-        from . import ops
+    from . import ops  # imported on first use, not cached in a global (torch.compile would guard on it)
 
-        _fused = ops
-    return _fused
+    return ops
 
 
 def _triton_ops():
@@ -103,20 +98,18 @@ def warp(image: Tensor, chain: Sequence[Tensor], *, shape: Sequence[int] | None 
     return _impl(name, chain[0].dtype).warp(image, chain, shape)
 
 
-def _draw_seed(generator: torch.Generator | None) -> int:
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
-
-
 def _penalty_noise(noise, generator, d, points_shape, ref: Tensor, backend: str):
-    """(noise, seed): the reference draws torch.randn noise; fused kernels draw their own from a seed."""
+    """(noise, seed): the reference draws torch.randn noise; fused kernels draw their own from a seed.
+
+    Under torch.compile the same noise is drawn by an op of the graph, and passed explicitly.
+    """
     if noise is not None:
         return noise, 0
+    if torch.compiler.is_compiling():
+        return _noise.compiled_noise(generator, backend, d, points_shape, ref), 0
     if backend == "torch":
-        device = generator.device if generator is not None else ref.device
-        n = torch.randn((1, d, *points_shape), generator=generator, dtype=ref.dtype, device=device)
-        return n.to(ref.device), 0
-    return None, _draw_seed(generator)
+        return _noise.randn_noise(generator, (1, d, *points_shape), ref.dtype, ref.device), 0
+    return None, _noise.draw_seed(generator)
 
 
 def gradicon_loss(chain_AB: Sequence[Tensor], chain_BA: Sequence[Tensor], *, shape: Sequence[int], stride: int = 1,

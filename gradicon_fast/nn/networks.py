@@ -152,7 +152,11 @@ class DisplacementField(RegistrationModule):
 
     def chain(self, moving: Tensor, fixed: Tensor) -> list:
         x = torch.cat([moving, fixed], dim=1)
-        if self.checkpoint and torch.is_grad_enabled():
+        if self.checkpoint and torch.is_grad_enabled() and torch.compiler.is_compiling():
+            # Compiled, the recomputation is part of the compiled backward, which leaves the running
+            # statistics alone by itself (and torch.compile takes no context_fn).
+            field = _checkpoint(self._run, x, use_reentrant=False)
+        elif self.checkpoint and torch.is_grad_enabled():
             field = _checkpoint(self._run, x, use_reentrant=False,
                                 context_fn=lambda: _preserve_batchnorm_stats(self.net))
         else:

@@ -99,6 +99,12 @@ class TallUNet(nn.Module):
         if x.ndim != self.dimension + 2 or x.shape[1] != self.input_channels:
             raise ValueError(f"TallUNet expects (B, {self.input_channels}, *spatial) with {self.dimension} spatial "
                              f"axes, got shape {tuple(x.shape)}")
+        if torch.compiler.is_compiling():
+            # Compile for the spatial sizes at hand, never symbolic ones: Inductor's CPU lowering of
+            # strided 3-D convolutions fails on symbolic sizes (torch 2.13: "ValueRangeError: Invalid
+            # ranges"), which dynamic=True, or one U-Net compiled for several sizes, would produce.
+            for axis in range(2, x.ndim):
+                torch._dynamo.mark_static(x, axis)
         skips = []
         for depth in range(self.num_layers):
             skips.append(x)
