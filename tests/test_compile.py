@@ -227,3 +227,21 @@ def test_instance_optimization_with_compiled_model(rng):
     assert len(set(want_losses)) == len(want_losses)  # the weights moved
     assert _relative_difference(got.chain_AB + got.chain_BA, want.chain_AB + want.chain_BA) < 1e-4
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_unet_one_voxel_level_compiles_with_inductor(rng):
+    # The paper's widths at 16³ reach a 1-voxel level, where Inductor could not generate the CPU
+    # code of the upsampling's backward (with two threads); the U-Net copies that voxel instead.
+    from gradicon_fast.nn import TallUNet
+
+    torch._dynamo.reset()
+    net = TallUNet(3, 2, 3)
+    x = rand_uniform(rng, (1, 2, 16, 16, 16), dtype=torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = torch.compile(net)(x)
+        got.sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, net(x), rtol=1e-5, atol=1e-6)

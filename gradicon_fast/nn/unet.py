@@ -95,6 +95,15 @@ class TallUNet(nn.Module):
         kernel = tuple(min(2, s) for s in x.shape[2:])
         return pool(x, kernel, stride=2, ceil_mode=True)
 
+    def _upsample2(self, x: Tensor) -> Tensor:
+        if all(s == 1 for s in x.shape[2:]):
+            # One voxel: (bi/tri)linear upsampling (align_corners=False) copies it (interpolate
+            # computes 0.75·v + 0.25·v: equal up to one rounding). Written as a copy because
+            # Inductor's CPU code for the interpolation's backward (a scatter-add into channels-last
+            # 1-voxel tensors) fails to generate (torch 2.13).
+            return x.expand(*x.shape[:2], *([2] * (x.ndim - 2))).contiguous()
+        return F.interpolate(x, scale_factor=2, mode=self._interpolate_mode, align_corners=False)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != self.dimension + 2 or x.shape[1] != self.input_channels:
             raise ValueError(f"TallUNet expects (B, {self.input_channels}, *spatial) with {self.dimension} spatial "
@@ -112,8 +121,7 @@ class TallUNet(nn.Module):
             x = y + _pad_or_crop_channels(self._avg_pool(x), y.shape[1])
         for depth in reversed(range(self.num_layers)):
             y = self.upConvs[depth](F.leaky_relu(x, LEAKY_SLOPE))
-            x = y + F.interpolate(_pad_or_crop_channels(x, y.shape[1]), scale_factor=2,
-                                  mode=self._interpolate_mode, align_corners=False)
+            x = y + self._upsample2(_pad_or_crop_channels(x, y.shape[1]))
             x = self.batchNorms[depth](x)
             skip = skips[depth]
             x = x[(slice(None), slice(None)) + tuple(slice(0, s) for s in skip.shape[2:])]

@@ -142,6 +142,7 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self._generator = torch.Generator()
         self.step = 0
         self.resumed_from: Path | None = None
         if config.resume:
@@ -273,7 +274,8 @@ class Trainer:
         for k, batch in enumerate(batches):
             image_A, image_B = (t.to(self.device, non_blocking=True).float() for t in _unpack(batch))
             micro = k * env.world_size + env.rank
-            generator = torch.Generator().manual_seed(micro_batch_seed(cfg.seed, step, micro))
+            # one generator object, re-seeded: a torch.compile'd model specialises on the generator object
+            generator = self._generator.manual_seed(micro_batch_seed(cfg.seed, step, micro))
             if cfg.augment:
                 with torch.no_grad():
                     image_A, image_B = augment_pair(image_A, image_B, generator=generator,
