@@ -51,13 +51,17 @@ def seeded_noise(seed: int, backend: str, d: int, points_shape: Sequence[int], d
     return backend_ops.normal_noise(seed, d, points_shape, dtype=dtype, device=device)
 
 
-@torch.compiler.assume_constant_result
 def _generator_key(generator: torch.Generator | None) -> int:
     # Dynamo calls this while tracing, with the real generator, and guards the graph on its identity.
     if generator is None:
         return 0
     _traced_generators[id(generator)] = generator
     return id(generator)
+
+
+# What torch.compiler.assume_constant_result(_generator_key) sets, without importing torch._dynamo
+# here: that imports triton, and Triton's interpreter must be chosen (TRITON_INTERPRET) before it is.
+_generator_key._dynamo_marked_constant = True
 
 
 @torch.library.custom_op("gradicon_fast_noise::draw", mutates_args=())
