@@ -117,3 +117,12 @@ def leaves(tensors):
 
 # Checking the finite-difference GradICON in float32 (fd_check.py), shared by several test files.
 from fd_check import FD_TOL, check_fd, fd_kink_entries  # noqa: E402,F401
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for small problems: on shared cores, OpenMP hand-offs dominate tiny calls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

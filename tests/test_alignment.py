@@ -17,15 +17,9 @@ from gradicon_fast.data.scans import displaced_pair, thick_slice_pair
 from gradicon_fast.demo import make_synthetic_pair
 from gradicon_fast.io.affine import write_affine
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small problems on shared cores
+
 SHORT = R.RegistrationSettings(levels=(R.Level(4, 4, 40), R.Level(2, 4, 40), R.Level(1, 2, 20)))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ import SimpleITK as sitk
 from gradicon_fast import io
 from gradicon_fast.demo import dice, make_synthetic_pair
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small problems on shared cores
+
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--iterations", "40", "30", "15", "--max-size", "32", "-q"]
 DIRECTION = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
@@ -28,16 +30,6 @@ def run_cli(*args, cwd=None, timeout=300):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "gradicon_fast", *map(str, args)], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class InProcess:

@@ -17,16 +17,9 @@ from icon_oracle import SHAPE_2D, icon, icon_losses, image_pair, official_networ
 
 from gradicon_fast.compat import icon as compat
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small problems on shared cores
+
 FIELDS = ("all_loss", "inverse_consistency_loss", "similarity_loss", "transform_magnitude", "flips")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small problems on shared cores: OpenMP threads stall each other when the machine is busy.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def both_losses(network, shape, similarity, lmbda=1.5):

@@ -17,18 +17,11 @@ from gradicon_fast import reference as R
 
 from conftest import HAS_CPU_KERNELS, rand_uniform, random_points, smooth_field
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small problems on shared cores
+
 BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(not HAS_CPU_KERNELS, reason="extension not built"))]
 MARGIN = 1e-4  # grid cells
 SHAPES = {2: [(5, 4), (3, 6), (4, 5)], 3: [(4, 5, 3), (3, 4, 4), (5, 3, 4)]}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The inputs are tiny: one intra-op thread avoids OpenMP hand-off costs that dominate on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def grid_distance(sizes, y):

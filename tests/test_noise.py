@@ -250,14 +250,6 @@ def welch_t(a, b):
     return ((a.mean() - b.mean()) / torch.sqrt(a.var() / a.numel() + b.var() / b.numel())).item()
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # hundreds of tiny calls: avoid OpenMP hand-offs on a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("penalty, stride", [("gradicon", 2), ("gradicon", 1), ("icon", 1)])
 def test_unseeded_mean_matches_reference(rng, one_thread, penalty, stride):
     """Same expected loss from the kernels' Philox noise as from the reference's torch.randn noise.

@@ -23,16 +23,9 @@ from gradicon_fast.nn import published
 from gradicon_fast import io
 from gradicon_fast.compat import icon as compat
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small problems on shared cores
+
 MAP_TOL = 1e-5  # [0, 1] units
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small problems on shared cores: OpenMP threads stall each other when the machine is busy.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

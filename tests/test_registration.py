@@ -17,14 +17,7 @@ from gradicon_fast import io
 from gradicon_fast import registration as R
 from gradicon_fast.demo import dice, landmark_error_mm, make_synthetic_pair
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems on shared cores: one thread avoids OpenMP oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small problems on shared cores
 
 
 def conv_blur(x, sigma):
