@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instance-optimisation steps with --model (default 50; 0: the network's maps as they are)")
     p.add_argument("--model-preset", choices=("unigradicon", "multigradicon", "lung", "knee", "brain"),
                    help="input shape of an official weight file (icon_registration / uniGradICON regis_net state "
-                   "dict): unigradicon, multigradicon, lung 175³ (the default), knee 80×192×192, brain 130×155×130")
+                   "dict): unigradicon, multigradicon and lung 175³, knee 80×192×192, brain 130×155×130; without a preset "
+                   "or --model-shape: 175³")
     p.add_argument("--model-shape", type=int, nargs="+", metavar="N", help="input shape of the network: for an "
                    "official weight file instead of a preset; for a gradicon_fast model instead of its saved shape")
     p.add_argument("--init", choices=("none", "center", "moments", "affine"), default=None,
