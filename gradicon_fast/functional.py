@@ -18,6 +18,7 @@ from . import reference as _ref
 
 Tensor = torch.Tensor
 
+
 def _fused_ops():
     from . import ops  # imported on first use, not cached in a global (torch.compile would guard on it)
 
