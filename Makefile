@@ -11,6 +11,9 @@ DEPS := numpy pytest pytest-benchmark ninja pybind11 "setuptools>=64" wheel trit
 # The official GradICON package, the tests' oracle: its core (losses, network wrappers, networks) needs only the
 # DEPS above; its other requirements (torchvision, itk, girder_client, footsteps) are left out.
 ORACLE := icon_registration==1.1.9
+# Test-only: MONAI, whose Warp and DVF2DDF the converters are tested against; those parts need only numpy and
+# torch, so its other requirements are left out too (the tests skip them where it is missing).
+TEST_DEPS := monai==1.6.1
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
@@ -22,7 +25,7 @@ $(PY):
 $(VENV)/.deps: | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install $(DEPS)
-	$(PIP) install --no-deps "$(ORACLE)"
+	$(PIP) install --no-deps "$(ORACLE)" $(TEST_DEPS)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

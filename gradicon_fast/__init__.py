@@ -6,7 +6,7 @@
 See README.md for the conventions and backends, and docs/conventions.md for the exact semantics.
 """
 
-from . import reference
+from . import convert, reference
 from .backend_registry import backends, current_backend, use_backend
 from .functional import (
     bending_energy,
@@ -29,6 +29,7 @@ __all__ = [
     "backends",
     "bending_energy",
     "compose",
+    "convert",
     "current_backend",
     "diffusion_energy",
     "fold_percentage",

@@ -93,9 +93,21 @@ class DisplacementField:
         """From the physical image ``targets_mm`` (*S, d) of every voxel centre of ``geometry``."""
         return cls(np.asarray(targets_mm, dtype=np.float64) - geometry.grid_physical(), geometry)
 
-    def map_displacement(self, *, dtype=torch.float32) -> torch.Tensor:
-        """The field in [0, 1] units of its own grid, ``(1, d, *S)``: a one-field chain for gradicon_fast."""
-        return physical_to_displacement(self.vectors, self.geometry, dtype=dtype)
+    def map_displacement(self, *, dtype=torch.float32, moving: Geometry | None = None) -> torch.Tensor:
+        """The field in [0, 1] units, ``(1, d, *S)``: a one-field chain for gradicon_fast.
+
+        The source coordinates are the field's own grid's; the targets are ``moving``'s grid's (the
+        image the field resamples), by default the field's own grid too.
+        """
+        if moving is None:
+            return physical_to_displacement(self.vectors, self.geometry, dtype=dtype)
+        if moving.ndim != self.geometry.ndim:
+            raise InputError(f"the moving grid is {moving.ndim}D but the displacement field is {self.geometry.ndim}D")
+        targets = torch.as_tensor(moving.physical_to_map(self.target_points()), dtype=torch.float64).movedim(-1, 0)
+        from .. import reference
+
+        identity = reference.identity_map(self.geometry.shape, dtype=torch.float64)
+        return (targets[None] - identity).to(dtype).contiguous()
 
     def map(self, *, dtype=torch.float32) -> torch.Tensor:
         """The transform as a map ``(1, d, *S)`` in [0, 1] units of its own grid (identity + displacement)."""
@@ -275,13 +287,23 @@ def read_displacement_field(path, reference: Geometry | None = None, *, what: st
     return field if reference is None else field.resampled(reference)
 
 
-def chain_to_field(chain: Sequence[torch.Tensor], geometry: Geometry, *, backend: str | None = None) -> DisplacementField:
-    """A chain whose source and target coordinates are ``geometry``'s [0, 1] units, evaluated on its
-    grid and exported in millimetres."""
+def chain_to_field(chain: Sequence[torch.Tensor], geometry: Geometry, *, moving: Geometry | None = None,
+                   backend: str | None = None) -> DisplacementField:
+    """A chain evaluated on ``geometry``'s grid and exported in millimetres.
+
+    The chain's source coordinates are ``geometry``'s [0, 1] units, its targets ``moving``'s (the
+    grid of the image it resamples), by default ``geometry``'s too.
+    """
     from .. import functional as gfn
+    from .. import reference
 
     disp = gfn.compose([c.detach() for c in chain], geometry.shape, backend=backend)
-    return DisplacementField.from_map_displacement(disp, geometry)
+    if moving is None:
+        return DisplacementField.from_map_displacement(disp, geometry)
+    if moving.ndim != geometry.ndim:
+        raise InputError(f"the moving grid is {moving.ndim}D but the fixed grid is {geometry.ndim}D")
+    targets = (reference.identity_map(geometry.shape, dtype=torch.float64) + disp.to(torch.float64).cpu())[0]
+    return DisplacementField.from_target_points(moving.map_to_physical(targets.movedim(0, -1).numpy()), geometry)
 
 
 def warp_image(moving, field: DisplacementField, *, mode: str = "bilinear", default_value: float | None = 0.0,
@@ -297,7 +319,6 @@ def warp_image(moving, field: DisplacementField, *, mode: str = "bilinear", defa
     the input's dtype; rounding half up, as ITK); linear interpolation gives float32.
     """
     from .. import functional as gfn
-    from .. import reference
     from .image import Image
     from .itk_sampling import default_value_of_type, inside_image, nearest_voxels
 
@@ -318,8 +339,7 @@ def warp_image(moving, field: DisplacementField, *, mode: str = "bilinear", defa
             out[~finite] = np.nan
     else:
         shape = field.geometry.shape
-        coords = torch.as_tensor(index / moving.geometry.map_scale, dtype=torch.float32).movedim(-1, 0)[None]
-        disp = (coords - reference.identity_map(shape)).contiguous()
+        disp = field.map_displacement(moving=moving.geometry)
         warped = gfn.warp(moving.tensor(dtype=torch.float32), [disp], shape=shape, backend=backend)
         out = warped[0, 0].numpy()  # non-finite targets give NaN there
     if fill is not None:
