@@ -3,15 +3,15 @@
 gradicon_fast (docs/conventions.md §1): a displacement field ``D`` is ``(B, d, *S)``, channel k the
 displacement along array axis k in [0, 1] units of the field of view (``index = x · (S - 1)``,
 align-corners), sampled with border clamping; a chain is a list of such fields, outermost first.
-Every converter here goes both ways:
+The converters go both ways (velocities: to a chain only):
 
-- **voxel displacements** (VoxelMorph/neurite ``SpatialTransformer``, MONAI ``Warp``): ``flow``
+- **voxel displacements** (VoxelMorph's ``SpatialTransformer``, MONAI's ``Warp``): ``flow``
   ``(B, d, *S)``, channel k in voxels along array axis k, ``warped(p) = moving(p + flow(p))`` on
   the flow's own grid: ``D = flow / (S - 1)``;
-- **stationary velocities** in voxels (VoxelMorph ``VecInt``/``integrate_vec``, MONAI ``DVF2DDF``),
-  integrated by scaling and squaring into one displacement;
-- **``grid_sample`` grids** ``(B, *S_out, d)`` in [-1, 1], the last component along the *first*
-  spatial axis, with ``align_corners`` either way;
+- **stationary velocities** in voxels (VoxelMorph's ``IntegrateVelocityField``/``integrate_vec``,
+  MONAI's ``DVF2DDF``), integrated by scaling and squaring into one displacement;
+- **``grid_sample`` grids** ``(B, *S_out, d)`` in [-1, 1], component 0 along the *last* spatial
+  axis, with ``align_corners`` either way;
 - **ITK/ANTs physical fields** (LPS millimetres on an image grid): :class:`gradicon_fast.io.DisplacementField`.
 
 docs/own_training_code.md shows them at work in a training loop.
@@ -84,7 +84,7 @@ def _displacement_on(chain: Sequence[Tensor], shape, backend) -> tuple[Tensor, t
 
 
 # --------------------------------------------------------------------------------------------
-# Voxel displacements and velocities (VoxelMorph, neurite, MONAI)
+# Voxel displacements and velocities (VoxelMorph, MONAI)
 # --------------------------------------------------------------------------------------------
 
 
@@ -92,7 +92,7 @@ def from_voxel_displacement(flow: Tensor) -> list[Tensor]:
     """A voxel displacement ``flow`` (B, d, *S) as a one-field chain.
 
     ``flow``'s channel k is the displacement along array axis k in voxels of its own grid, as
-    VoxelMorph's and neurite's ``SpatialTransformer`` and MONAI's ``Warp`` take it
+    VoxelMorph's ``SpatialTransformer`` and MONAI's ``Warp`` take it
     (``warped(p) = moving(p + flow(p))``, moving image and flow on the same grid). MONAI's
     ``Warp(padding_mode="border")`` samples exactly as gradicon_fast does; VoxelMorph's zero padding
     and MONAI's ``"zeros"``/``"reflection"`` differ only where ``p + flow(p)`` leaves the image.
@@ -116,7 +116,7 @@ def from_velocity(velocity: Tensor, *, steps: int = 7, backend: str | None = Non
     """A stationary velocity in voxels ``(B, d, *S)``, integrated by scaling and squaring, as a one-field chain.
 
     ``D = v / 2^steps``, then ``steps`` times ``D ← D + D ∘ (id + D)``: the integration of
-    VoxelMorph's ``VecInt``/``integrate_vec`` and MONAI's ``DVF2DDF(num_steps=steps)``. The
+    VoxelMorph's ``IntegrateVelocityField``/``integrate_vec`` and MONAI's ``DVF2DDF(num_steps=steps)``. The
     squarings sample with border clamping (MONAI's ``padding_mode="border"``); their default zero
     padding differs only where an intermediate displacement points out of the grid.
     Differentiable with respect to ``velocity``.

@@ -58,7 +58,8 @@ def voxelmorph_warp(image, flow, padding_mode="zeros"):
 
 
 def voxelmorph_integrate(velocity, steps):
-    """VoxelMorph's scaling and squaring (VecInt / integrate_vec): v / 2^steps, then disp += warp(disp, disp)."""
+    """VoxelMorph's scaling and squaring (IntegrateVelocityField, integrate_vec): v / 2^steps, then
+    disp += warp(disp, disp) `steps` times."""
     disp = velocity / 2 ** steps
     for _ in range(steps):
         disp = disp + voxelmorph_warp(disp, disp)
@@ -83,7 +84,7 @@ def two_field_chain(batch, shape, generator):
 
 
 # --------------------------------------------------------------------------------------------
-# Voxel displacements: VoxelMorph / neurite SpatialTransformer, MONAI Warp
+# Voxel displacements: VoxelMorph SpatialTransformer, MONAI Warp
 # --------------------------------------------------------------------------------------------
 
 
@@ -162,7 +163,7 @@ def test_voxel_displacement_round_trips(d):
 
 
 # --------------------------------------------------------------------------------------------
-# Velocities: MONAI DVF2DDF, VoxelMorph VecInt
+# Velocities: MONAI DVF2DDF, VoxelMorph integrate_vec
 # --------------------------------------------------------------------------------------------
 
 
