@@ -331,7 +331,7 @@ def test_itk_field_warps_as_sitk_resample(d):
     field = io.DisplacementField(rng.normal(0, 1.5, (*fixed.shape, d)), fixed)
     expected = sitk_resample(image, fixed, field.to_sitk_transform())
     inside = itk_inside(field, moving)
-    assert 0.5 < inside.float().mean() < 1
+    assert inside.float().mean() > 0.2  # a good part of the fixed grid maps inside the moving image
     for given in (field, field.to_sitk_image(dtype=np.float64), field.to_sitk_transform()):
         chain = convert.from_itk(given, moving=image)
         assert chain[0].shape == (1, d, *fixed.shape) and chain[0].dtype == torch.float32
@@ -350,7 +350,7 @@ def test_chain_to_itk_warps_as_sitk_resample(d):
     expected = sitk_resample(image, fixed, field.to_sitk_transform())
     ours = gf.warp(image.tensor(), chain, shape=fixed.shape)[0, 0]
     inside = itk_inside(field, moving)
-    assert 0.5 < inside.float().mean() < 1
+    assert inside.float().mean() > 0.2  # a good part of the fixed grid maps inside the moving image
     torch.testing.assert_close(ours[inside], expected[inside], atol=WARP_TOL, rtol=0)
 
 
