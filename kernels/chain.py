@@ -14,6 +14,11 @@ has a batch axis; otherwise it broadcasts over the batch) and ``GMASK`` (slot j 
 gradient). ``ROT`` rotates the slots: the composed chain's field i (0 = outermost) is slot
 ``(i + ROT) % NF``, so that ICON's φ_BA∘φ_AB reuses the slots of φ_AB∘φ_BA.
 
+A kernel's source writes all this once, as the parameter ``CHAIN`` and the statement
+``fields, grads, sizes = CHAIN``: ``chain_kernels`` spells them out (``with_chain_arguments``:
+the 80 slot parameters followed by ``NF``, ``BATCHED``, ``GMASK``, and the three tuples) before
+Triton compiles the kernel, since a Triton kernel takes neither packed.
+
 Sizes are plain int arguments that Triton does not specialise on (``SIZE_ARGS`` are listed in
 ``do_not_specialize``): a new grid size does not compile a new kernel.
 
@@ -32,14 +37,79 @@ and minutes for the largest composed chains (16 fields, GradICON backward, 3D); 
 compiled kernels on disk.
 """
 
+import inspect
+import linecache
+import re
+
 import torch
 import triton
 import triton.language as tl
 
 from .sampling import as_index, interpolate, interpolate_gradient, locate_cell, scatter
+from .tuning import forward_configs
 
 MAX_FIELDS = 16
 SIZE_ARGS = [f"{axis}{j}" for j in range(MAX_FIELDS) for axis in "ABC"]
+
+
+# ---- the chain in a kernel's source ------------------------------------------------------------
+
+
+def _chain_source() -> tuple[str, str]:
+    """What ``CHAIN`` stands for: as parameters (the slots, then the chain's compile-time shape),
+    and as the value of ``fields, grads, sizes``."""
+    slots = ", ".join(f"F{j}, G{j}, A{j}, B{j}, C{j}" for j in range(MAX_FIELDS))
+    fields = ", ".join(f"F{j}" for j in range(MAX_FIELDS))
+    grads = ", ".join(f"G{j}" for j in range(MAX_FIELDS))
+    sizes = ", ".join(f"(A{j}, B{j}, C{j})" for j in range(MAX_FIELDS))
+    return (f"{slots}, NF: tl.constexpr, BATCHED: tl.constexpr, GMASK: tl.constexpr",
+            f"({fields}), ({grads}), ({sizes})")
+
+
+def with_chain_arguments(fn):
+    """Kernel source ``fn`` with its parameter ``CHAIN`` and its statement ``fields, grads, sizes =
+    CHAIN`` spelled out (see the module's docstring).
+
+    The new function's source is kept in ``linecache`` (Triton and its interpreter read a kernel's
+    source) at the original line numbers, under a name that says where it comes from.
+    """
+    lines, first = inspect.getsourcelines(fn)
+    start = next(i for i, line in enumerate(lines) if line.startswith("def "))  # below any decorator
+    source = "".join(lines[start:])
+    end = source.index("):\n") + 3  # the end of the signature
+    signature, body = source[:end], source[end:]
+    params, tuples = _chain_source()
+    if len(re.findall(r"\bCHAIN,", signature)) != 1 or body.count(" = CHAIN\n") != 1:
+        raise ValueError(f"{fn.__name__}: a kernel takes the parameter CHAIN and says 'fields, grads, sizes = CHAIN' "
+                         "once")
+    source = re.sub(r"\bCHAIN,", params + ",", signature) + body.replace(" = CHAIN\n", f" = {tuples}\n")
+    text = "\n" * (first - 1 + start) + source
+    filename = f"<{inspect.getsourcefile(fn)}: {fn.__name__} with its chain arguments>"
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+    namespace: dict = {}
+    exec(compile(text, filename, "exec"), fn.__globals__, namespace)
+    return namespace[fn.__name__]
+
+
+def chain_kernels(fn, scalar_args, tuning_key, points_per_row: int = 1):
+    """The two kernels of kernel source ``fn`` (see ``with_chain_arguments``): forward (autotuned
+    on GPU, keyed by ``tuning_key``) and backward, neither specialised on ``scalar_args`` or the
+    slots' sizes."""
+    kernel = with_chain_arguments(fn)
+    no_specialize = [*scalar_args, *SIZE_ARGS]
+    forward = triton.autotune(configs=forward_configs(points_per_row), key=list(tuning_key))(
+        triton.jit(kernel, do_not_specialize=no_specialize))
+    return forward, triton.jit(kernel, do_not_specialize=no_specialize)
+
+
+# ---- evaluation and reverse pass ------------------------------------------------------------------
+
+
+@triton.jit
+def block_points(n, BLOCK: tl.constexpr, BIG: tl.constexpr):
+    """This program's block of flat point indices (grid axis 0) and its mask."""
+    offs = as_index(tl.program_id(0), BIG) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < n
 
 
 @triton.jit
@@ -69,6 +139,15 @@ def sample_field(ptr, channel_stride, cell, D: tl.constexpr, CT: tl.constexpr, m
 
 
 @triton.jit
+def displaced(pts, s, D: tl.constexpr):
+    """Points ``pts`` moved by the displacement ``s`` (D-tuples): what one field does to them."""
+    out = ()
+    for k in tl.static_range(D):
+        out = out + (pts[k] + s[k],)
+    return out
+
+
+@triton.jit
 def chain_forward(pts, fields, grads, sizes, b, NF: tl.constexpr, ROT: tl.constexpr, BATCHED: tl.constexpr,
                   D: tl.constexpr, CT: tl.constexpr, BIG: tl.constexpr, mask):
     """φ at points ``pts`` (a D-tuple of [BLOCK, E]); ``mask`` is [BLOCK, 1, 1]. Returns
@@ -78,11 +157,7 @@ def chain_forward(pts, fields, grads, sizes, b, NF: tl.constexpr, ROT: tl.conste
     for jj in tl.static_range(NF):
         ptr, _, sz, cs = field_at(fields, grads, sizes, (NF - 1 - jj + ROT) % NF, BATCHED, b, D, BIG)
         stash = stash + (pts,)
-        s = sample_field(ptr, cs, locate_cell(pts, sz, D, BIG), D, CT, mask)
-        nxt = ()
-        for k in tl.static_range(D):
-            nxt = nxt + (pts[k] + s[k],)
-        pts = nxt
+        pts = displaced(pts, sample_field(ptr, cs, locate_cell(pts, sz, D, BIG), D, CT, mask), D)
     return pts, stash
 
 

@@ -15,10 +15,9 @@ with its d shifted copies, as the columns of [BLOCK, 4] coordinates (E = d + 1 p
 import triton
 import triton.language as tl
 
-from .chain import SIZE_ARGS, chain_backward, chain_forward
-from .penalty_points import join64, penalty_point, scalar_from_bits
+from .chain import block_points, chain_backward, chain_forward, chain_kernels
+from .penalty_points import penalty_point, penalty_scalars, scalar_from_bits, store_partial, tile_points
 from .sampling import as_index, div_rn
-from .tuning import forward_configs
 
 
 @triton.jit
@@ -55,41 +54,17 @@ def _fd_gradient_error(start, end, delta, D: tl.constexpr, CT: tl.constexpr):
 
 def _gradicon(
     NOISE, PARTIAL, GRAD_LOSS, N, W0, W1, W2, P0, P1, P2, STRIDE,
-    SEED_LO, SEED_HI, NOISE_SCALE_LO, NOISE_SCALE_HI, DELTA_LO, DELTA_HI, COUNT,
-    F0, G0, A0, B0, C0,
-    F1, G1, A1, B1, C1,
-    F2, G2, A2, B2, C2,
-    F3, G3, A3, B3, C3,
-    F4, G4, A4, B4, C4,
-    F5, G5, A5, B5, C5,
-    F6, G6, A6, B6, C6,
-    F7, G7, A7, B7, C7,
-    F8, G8, A8, B8, C8,
-    F9, G9, A9, B9, C9,
-    F10, G10, A10, B10, C10,
-    F11, G11, A11, B11, C11,
-    F12, G12, A12, B12, C12,
-    F13, G13, A13, B13, C13,
-    F14, G14, A14, B14, C14,
-    F15, G15, A15, B15, C15,
-    NF: tl.constexpr, BATCHED: tl.constexpr, GMASK: tl.constexpr, STOP: tl.constexpr,
-    HAS_NOISE: tl.constexpr, BACKWARD: tl.constexpr,
+    SEED_LO, SEED_HI, NOISE_SCALE_LO, NOISE_SCALE_HI, DELTA_LO, DELTA_HI, COUNT, CHAIN,
+    STOP: tl.constexpr, HAS_NOISE: tl.constexpr, BACKWARD: tl.constexpr,
     D: tl.constexpr, F64: tl.constexpr, BIG: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    fields, grads, sizes = CHAIN
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
-    fields = (F0, F1, F2, F3, F4, F5, F6, F7, F8, F9, F10, F11, F12, F13, F14, F15)
-    grads = (G0, G1, G2, G3, G4, G5, G6, G7, G8, G9, G10, G11, G12, G13, G14, G15)
-    sizes = ((A0, B0, C0), (A1, B1, C1), (A2, B2, C2), (A3, B3, C3), (A4, B4, C4), (A5, B5, C5),
-             (A6, B6, C6), (A7, B7, C7), (A8, B8, C8), (A9, B9, C9), (A10, B10, C10), (A11, B11, C11),
-             (A12, B12, C12), (A13, B13, C13), (A14, B14, C14), (A15, B15, C15))
-    b = tl.program_id(1)
-    n = as_index(N, BIG)
-    seed = join64(SEED_LO, SEED_HI)
-    noise_scale = scalar_from_bits(NOISE_SCALE_LO, NOISE_SCALE_HI, CT)
     delta = scalar_from_bits(DELTA_LO, DELTA_HI, CT)
+    seed, noise_scale = penalty_scalars(SEED_LO, SEED_HI, NOISE_SCALE_LO, NOISE_SCALE_HI, CT)
+    b, n = tl.program_id(1), as_index(N, BIG)
     if BACKWARD:
-        offs = as_index(tl.program_id(0), BIG) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
+        offs, mask = block_points(n, BLOCK, BIG)
         x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, seed, noise_scale, HAS_NOISE, D, CT,
                           mask)
         start = _shifted(x, delta, D)
@@ -111,11 +86,9 @@ def _gradicon(
         chain_backward(adj, stash, fields, grads, sizes, b, NF, 0, BATCHED, GMASK, STOP, 4, D, CT, BIG,
                        mask[:, None, None])
     else:
-        tile = as_index(tl.program_id(0), BIG) * TILE
         acc = tl.zeros((BLOCK,), CT)
         for t in range(0, TILE, BLOCK):
-            offs = tile + t + tl.arange(0, BLOCK)
-            mask = offs < n
+            offs, mask = tile_points(t, n, TILE, BLOCK, BIG)
             x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, seed, noise_scale, HAS_NOISE, D,
                               CT, mask)
             start = _shifted(x, delta, D)
@@ -126,12 +99,9 @@ def _gradicon(
                 for c in tl.static_range(D):
                     sq += g[k][c] * g[k][c]
             acc += tl.where(mask, sq, 0.0)
-        tl.store(PARTIAL + b * tl.num_programs(0) + tl.program_id(0), tl.sum(acc, axis=0))
+        store_partial(PARTIAL, acc)
 
 
-_NO_SPECIALIZE = ["N", "W0", "W1", "W2", "P0", "P1", "P2", "STRIDE", "SEED_LO", "SEED_HI", "NOISE_SCALE_LO",
-                  "NOISE_SCALE_HI", "DELTA_LO", "DELTA_HI", "COUNT", *SIZE_ARGS]
-
-gradicon_forward = triton.autotune(configs=forward_configs(4), key=["N", "NF", "D"])(
-    triton.jit(_gradicon, do_not_specialize=_NO_SPECIALIZE))
-gradicon_backward = triton.jit(_gradicon, do_not_specialize=_NO_SPECIALIZE)
+gradicon_forward, gradicon_backward = chain_kernels(
+    _gradicon, ["N", "W0", "W1", "W2", "P0", "P1", "P2", "STRIDE", "SEED_LO", "SEED_HI", "NOISE_SCALE_LO",
+                "NOISE_SCALE_HI", "DELTA_LO", "DELTA_HI", "COUNT"], ["N", "NF", "D"], points_per_row=4)

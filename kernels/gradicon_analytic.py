@@ -17,11 +17,10 @@ to ``G + M + G M`` (no cancellation from forming J first) and y_j to ``y_j + s_j
 import triton
 import triton.language as tl
 
-from .chain import SIZE_ARGS, field_at
-from .penalty_points import join64, penalty_point, scalar_from_bits
+from .chain import block_points, chain_kernels, displaced, field_at
+from .penalty_points import as_columns, penalty_point, penalty_scalars, store_partial, tile_points
 from .sampling import (gather_corners, as_index, corner_curvatures, corner_slopes, div_rn, interpolate_with_gradient,
                        locate_cell)
-from .tuning import forward_configs
 
 
 @triton.jit
@@ -68,10 +67,7 @@ def jacobian_forward(y, fields, grads, sizes, b, NF: tl.constexpr, BATCHED: tl.c
             s = s + (value,)
             G = G + (gradient,)
         M = _deviation_step(G, M, D)
-        nxt = ()
-        for k in tl.static_range(D):
-            nxt = nxt + (y[k] + s[k],)
-        y = nxt
+        y = displaced(y, s, D)
     return M, stash
 
 
@@ -141,45 +137,18 @@ def jacobian_backward(A, stash, fields, grads, sizes, b, NF: tl.constexpr, BATCH
 
 def _gradicon_analytic(
     NOISE, PARTIAL, GRAD_LOSS, N, W0, W1, W2, P0, P1, P2, STRIDE,
-    SEED_LO, SEED_HI, NOISE_SCALE_LO, NOISE_SCALE_HI, COUNT,
-    F0, G0, A0, B0, C0,
-    F1, G1, A1, B1, C1,
-    F2, G2, A2, B2, C2,
-    F3, G3, A3, B3, C3,
-    F4, G4, A4, B4, C4,
-    F5, G5, A5, B5, C5,
-    F6, G6, A6, B6, C6,
-    F7, G7, A7, B7, C7,
-    F8, G8, A8, B8, C8,
-    F9, G9, A9, B9, C9,
-    F10, G10, A10, B10, C10,
-    F11, G11, A11, B11, C11,
-    F12, G12, A12, B12, C12,
-    F13, G13, A13, B13, C13,
-    F14, G14, A14, B14, C14,
-    F15, G15, A15, B15, C15,
-    NF: tl.constexpr, BATCHED: tl.constexpr, GMASK: tl.constexpr, STOP: tl.constexpr,
-    HAS_NOISE: tl.constexpr, BACKWARD: tl.constexpr,
+    SEED_LO, SEED_HI, NOISE_SCALE_LO, NOISE_SCALE_HI, COUNT, CHAIN,
+    STOP: tl.constexpr, HAS_NOISE: tl.constexpr, BACKWARD: tl.constexpr,
     D: tl.constexpr, F64: tl.constexpr, BIG: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    fields, grads, sizes = CHAIN
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
-    fields = (F0, F1, F2, F3, F4, F5, F6, F7, F8, F9, F10, F11, F12, F13, F14, F15)
-    grads = (G0, G1, G2, G3, G4, G5, G6, G7, G8, G9, G10, G11, G12, G13, G14, G15)
-    sizes = ((A0, B0, C0), (A1, B1, C1), (A2, B2, C2), (A3, B3, C3), (A4, B4, C4), (A5, B5, C5),
-             (A6, B6, C6), (A7, B7, C7), (A8, B8, C8), (A9, B9, C9), (A10, B10, C10), (A11, B11, C11),
-             (A12, B12, C12), (A13, B13, C13), (A14, B14, C14), (A15, B15, C15))
-    b = tl.program_id(1)
-    n = as_index(N, BIG)
-    seed = join64(SEED_LO, SEED_HI)
-    noise_scale = scalar_from_bits(NOISE_SCALE_LO, NOISE_SCALE_HI, CT)
+    b, n = tl.program_id(1), as_index(N, BIG)
+    seed, noise_scale = penalty_scalars(SEED_LO, SEED_HI, NOISE_SCALE_LO, NOISE_SCALE_HI, CT)
     if BACKWARD:
-        offs = as_index(tl.program_id(0), BIG) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, seed, noise_scale, HAS_NOISE, D, CT,
-                          mask)
-        y = ()
-        for k in tl.static_range(D):
-            y = y + (x[k][:, None],)
+        offs, mask = block_points(n, BLOCK, BIG)
+        y = as_columns(penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, seed, noise_scale, HAS_NOISE,
+                                     D, CT, mask), D)
         M, stash = jacobian_forward(y, fields, grads, sizes, b, NF, BATCHED, D, CT, BIG, mask[:, None, None])
         # Ā = ∂L/∂M = 2 grad M / (B·d·N)
         scale = div_rn(2 * tl.load(GRAD_LOSS).to(CT), tl.cast(COUNT, CT), CT)
@@ -192,28 +161,20 @@ def _gradicon_analytic(
         jacobian_backward(A, stash, fields, grads, sizes, b, NF, BATCHED, GMASK, STOP, D, CT, BIG,
                           mask[:, None, None])
     else:
-        tile = as_index(tl.program_id(0), BIG) * TILE
         acc = tl.zeros((BLOCK,), CT)
         for t in range(0, TILE, BLOCK):
-            offs = tile + t + tl.arange(0, BLOCK)
-            mask = offs < n
-            x = penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, seed, noise_scale, HAS_NOISE, D,
-                              CT, mask)
-            y = ()
-            for k in tl.static_range(D):
-                y = y + (x[k][:, None],)
+            offs, mask = tile_points(t, n, TILE, BLOCK, BIG)
+            y = as_columns(penalty_point(offs, (P0, P1, P2), (W0, W1, W2), STRIDE, NOISE, n, seed, noise_scale,
+                                         HAS_NOISE, D, CT, mask), D)
             M, _ = jacobian_forward(y, fields, grads, sizes, b, NF, BATCHED, D, CT, BIG, mask[:, None, None])
             sq = tl.zeros_like(y[0])
             for i in tl.static_range(D):
                 for j in tl.static_range(D):
                     sq += M[i][j] * M[i][j]
             acc += tl.where(mask, tl.sum(sq, axis=1), 0.0)
-        tl.store(PARTIAL + b * tl.num_programs(0) + tl.program_id(0), tl.sum(acc, axis=0))
+        store_partial(PARTIAL, acc)
 
 
-_NO_SPECIALIZE = ["N", "W0", "W1", "W2", "P0", "P1", "P2", "STRIDE", "SEED_LO", "SEED_HI", "NOISE_SCALE_LO",
-                  "NOISE_SCALE_HI", "COUNT", *SIZE_ARGS]
-
-gradicon_analytic_forward = triton.autotune(configs=forward_configs(), key=["N", "NF", "D"])(
-    triton.jit(_gradicon_analytic, do_not_specialize=_NO_SPECIALIZE))
-gradicon_analytic_backward = triton.jit(_gradicon_analytic, do_not_specialize=_NO_SPECIALIZE)
+gradicon_analytic_forward, gradicon_analytic_backward = chain_kernels(
+    _gradicon_analytic, ["N", "W0", "W1", "W2", "P0", "P1", "P2", "STRIDE", "SEED_LO", "SEED_HI", "NOISE_SCALE_LO",
+                         "NOISE_SCALE_HI", "COUNT"], ["N", "NF", "D"])

@@ -1,12 +1,12 @@
 """The Triton backend's operators ``torch.ops.gradicon_fast_triton.*`` and their typed wrappers.
 
-The wrappers at the bottom have the signatures of ``gradicon_fast.ops``' (``functional.py``
-calls them for ``backend="triton"``). Each forward operator is a ``torch.library.triton_op`` whose
-body launches the kernels through ``torch.library.wrap_triton``, so that ``torch.compile`` can trace
-it; the backward operators stay opaque ``custom_op``s (see ``_define``); ``register_autograd`` makes
-it differentiable through a backward operator that recomputes
-everything from the inputs (and the noise seed): nothing but the inputs is saved. On a torch
-without ``triton_op`` the operators are ``custom_op``s with shape-only fake kernels.
+The operator bodies below check and prepare the arguments and launch the kernels; the op table
+(``gradicon_fast.op_registry``) defines the operators from them, with the fake kernels and the
+autograd formula it gives every backend. Each forward operator is a ``torch.library.triton_op``
+whose body launches the kernels through ``torch.library.wrap_triton``, so that ``torch.compile``
+can trace it; the backward operators stay opaque ``custom_op``s. On a torch without ``triton_op``
+all are ``custom_op``s. The wrappers at the bottom have the signatures of ``gradicon_fast.ops``'
+(``functional.py`` calls them for ``backend="triton"``).
 
 Dtypes: float32 and float64 fields compute in their own precision; bfloat16/float16 fields
 are read as they are and computed with in float32, their gradients accumulated in float32 and
@@ -20,6 +20,9 @@ from typing import Optional, Sequence
 
 import torch
 import triton
+
+from gradicon_fast import op_registry
+from gradicon_fast.op_registry import batch_size
 
 from . import chain as _chain
 from .chain import MAX_FIELDS, accumulation_dtype, grad_mask, slot_args, stop_index
@@ -38,7 +41,6 @@ NAMESPACE = "gradicon_fast_triton"
 MAX_CHAIN = MAX_FIELDS // 2
 
 _wrap = getattr(torch.library, "wrap_triton", None) or (lambda kernel: kernel)
-TRACED: set[str] = set()  # the operators torch.compile traces into (see _define)
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
@@ -76,16 +78,6 @@ def _check_chain(name: str, chain: Sequence[Tensor], max_fields: int = MAX_CHAIN
         if not f.is_floating_point():
             raise TypeError(f"{name}[{i}] must have a floating-point dtype, got {f.dtype}")
     return d
-
-
-def _batch(*tensors: Tensor) -> int:
-    batch = 1
-    for t in tensors:
-        b = t.shape[0]
-        if b != batch and b != 1 and batch != 1:
-            raise ValueError(f"batch sizes must be equal or 1, got {b} and {batch}")
-        batch = max(batch, b)
-    return batch
 
 
 def _check_like(name: str, t: Tensor, ref: Tensor) -> None:
@@ -138,7 +130,7 @@ def _transform_points(chain: list[Tensor], points: Tensor) -> Tensor:
         raise ValueError(f"points must be (B, {d}, *P), got {tuple(points.shape)}")
     fields = [f.contiguous() for f in chain]
     x = points.contiguous()
-    batch = _batch(x, *fields)
+    batch = batch_size(x, *fields)
     n = math.prod(x.shape[2:])
     out = x.new_empty((batch, *x.shape[1:]))
     if n == 0:
@@ -156,7 +148,7 @@ def _transform_points_backward(grad: Tensor, chain: list[Tensor], points: Tensor
     d = _check_chain("chain", chain)
     fields = [f.contiguous() for f in chain]
     x = points.contiguous()
-    batch = _batch(x, *fields)
+    batch = batch_size(x, *fields)
     n = math.prod(x.shape[2:])
     grad = grad.contiguous()
     if list(grad.shape) != [batch, *x.shape[1:]]:
@@ -189,7 +181,7 @@ def _warp_args(image: Tensor, chain: list[Tensor], shape: list[int]):
         raise ValueError(f"shape must have {d} entries >= 1, got {list(shape)}")
     fields = [f.contiguous() for f in chain]
     img = image.contiguous()
-    batch = _batch(img, *fields)
+    batch = batch_size(img, *fields)
     out_shape = [batch, img.shape[1], *[int(s) for s in shape]]
     return d, fields, img, batch, out_shape
 
@@ -237,136 +229,100 @@ def _pair(chain_ab: list[Tensor], chain_ba: list[Tensor]):
         raise ValueError("chain_ab and chain_ba must both be 2D or 3D")
     _check_like("chain_ba[0]", chain_ba[0], chain_ab[0])
     fields = [f.contiguous() for f in list(chain_ab) + list(chain_ba)]
-    return d, fields, _batch(*fields)
+    return d, fields, batch_size(*fields)
 
 
-def _loss_from_partials(partial: Tensor, count: int, dtype: torch.dtype) -> Tensor:
-    return (partial.sum(dtype=torch.float64) / count).to(dtype)
+def _penalty_launch(kernel, grid, pair, buffers, shape, stride, noise, seed, scalars, partial, grad_loss,
+                    **constexprs) -> None:
+    """Launch a penalty kernel on the points ``id[::stride] + noise_scale · noise`` of grid ``shape``.
 
-
-def _gradicon_launch(kernel, grid, fields, buffers, batch, d, shape, stride, noise, seed, delta, noise_scale,
-                     partial, grad_loss, gmask, stop, backward, launch):
-    counts = _penalty_points(d, shape, stride)
+    ``scalars``: the float arguments after the seed (noise_scale, then the penalty's own), passed
+    as bits; ``stride=None``: a kernel on the whole grid, which takes no point counts or stride (ICON).
+    """
+    d, fields, batch = pair
+    counts = _penalty_points(d, shape, stride or 1)
     n = math.prod(counts)
     noise_arg, has_noise = _noise_arg(noise, d, counts, fields[0])
     slots, batched = slot_args(fields, buffers, batch)
+    points = _padded(shape) if stride is None else [*_padded(shape), *_padded(counts), int(stride)]
+    bits = [half for value in scalars for half in split64(float_bits(value))]
     _launch(
         kernel, grid(n),
-        noise_arg, partial, grad_loss, n, *_padded(shape), *_padded(counts), int(stride), *split64(seed),
-        *split64(float_bits(noise_scale)), *split64(float_bits(delta)), batch * d * n, *slots, NF=len(fields),
-        BATCHED=batched, GMASK=gmask, STOP=stop, HAS_NOISE=has_noise, BACKWARD=backward,
-        **_common(d, fields[0].dtype, _chain.is_big(noise_arg, *fields)), TILE=TILE, **launch)
+        noise_arg, partial, grad_loss, n, *points, *split64(seed), *bits, batch * d * n, *slots, NF=len(fields),
+        BATCHED=batched, HAS_NOISE=has_noise, **_common(d, fields[0].dtype, _chain.is_big(noise_arg, *fields)),
+        TILE=TILE, **constexprs)
+
+
+def _penalty_value(kernel, pair, shape, stride, noise, seed, scalars, **constexprs) -> Tensor:
+    """A penalty: per-program partial sums over TILE points, added in float64 and divided by B·d·N."""
+    d, fields, batch = pair
+    n = math.prod(_penalty_points(d, shape, stride or 1))
+    programs = triton.cdiv(n, TILE)
+    partial = fields[0].new_zeros((batch * programs,), dtype=accumulation_dtype(fields[0].dtype))
+    _penalty_launch(kernel, lambda n: (programs, batch), pair, [None] * len(fields), shape, stride, noise, seed,
+                    scalars, partial, partial, GMASK=0, BACKWARD=False, **constexprs)
+    return (partial.sum(dtype=torch.float64) / (batch * d * n)).to(fields[0].dtype)
+
+
+def _penalty_gradients(kernel, block, grad, pair, n_ab, needs, shape, stride, noise, seed, scalars,
+                       **constexprs) -> tuple[list[Tensor], list[Tensor]]:
+    """A penalty's gradients for the fields that ``needs`` (φ_AB's n_ab, then φ_BA's) marks."""
+    d, fields, batch = pair
+    buffers = _grad_buffers(fields, needs)
+    if any(needs):
+        _penalty_launch(kernel, lambda n: (triton.cdiv(n, block), batch), pair, buffers, shape, stride, noise, seed,
+                        scalars, fields[0], grad.contiguous(), GMASK=grad_mask(needs), BACKWARD=True, BLOCK=block,
+                        num_warps=NUM_WARPS, **constexprs)
+    grads = _returned(buffers, fields)
+    return grads[:n_ab], grads[n_ab:]
 
 
 def _gradicon_loss(chain_ab: list[Tensor], chain_ba: list[Tensor], shape: list[int], stride: int,
                    noise: Optional[Tensor], seed: int, delta: float, noise_scale: float) -> Tensor:
-    d, fields, batch = _pair(chain_ab, chain_ba)
-    n = math.prod(_penalty_points(d, shape, stride))
-    programs = triton.cdiv(n, TILE)
-    partial = fields[0].new_zeros((batch * programs,), dtype=accumulation_dtype(fields[0].dtype))
-    _gradicon_launch(gradicon_forward, lambda n: (programs, batch), fields, [None] * len(fields), batch, d, shape,
-                     stride, noise, seed, delta, noise_scale, partial, partial, 0, -1, False, {})
-    return _loss_from_partials(partial, batch * d * n, fields[0].dtype)
+    return _penalty_value(gradicon_forward, _pair(chain_ab, chain_ba), shape, stride, noise, seed,
+                          (noise_scale, delta), STOP=-1)
 
 
 def _gradicon_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain_ba: list[Tensor], shape: list[int],
                             stride: int, noise: Optional[Tensor], seed: int, delta: float, noise_scale: float,
                             ab_needs_grad: list[bool], ba_needs_grad: list[bool]) -> tuple[list[Tensor], list[Tensor]]:
-    d, fields, batch = _pair(chain_ab, chain_ba)
+    pair = _pair(chain_ab, chain_ba)
     needs = list(ab_needs_grad) + list(ba_needs_grad)
-    buffers = _grad_buffers(fields, needs)
-    stop = stop_index(needs, False)
-    if stop >= 0:
-        block = backward_block(d, 4)
-        _gradicon_launch(gradicon_backward, lambda n: (triton.cdiv(n, block), batch), fields, buffers, batch, d,
-                         shape, stride, noise, seed, delta, noise_scale, fields[0], grad.contiguous(),
-                         grad_mask(needs), stop, True, {"BLOCK": block, "num_warps": NUM_WARPS})
-    grads = _returned(buffers, fields)
-    return grads[:len(chain_ab)], grads[len(chain_ab):]
-
-
-def _analytic_launch(kernel, grid, fields, buffers, batch, d, shape, stride, noise, seed, noise_scale, partial,
-                     grad_loss, gmask, stop, backward, launch):
-    counts = _penalty_points(d, shape, stride)
-    n = math.prod(counts)
-    noise_arg, has_noise = _noise_arg(noise, d, counts, fields[0])
-    slots, batched = slot_args(fields, buffers, batch)
-    _launch(
-        kernel, grid(n),
-        noise_arg, partial, grad_loss, n, *_padded(shape), *_padded(counts), int(stride), *split64(seed),
-        *split64(float_bits(noise_scale)), batch * d * n, *slots, NF=len(fields), BATCHED=batched, GMASK=gmask,
-        STOP=stop, HAS_NOISE=has_noise, BACKWARD=backward,
-        **_common(d, fields[0].dtype, _chain.is_big(noise_arg, *fields)), TILE=TILE, **launch)
+    return _penalty_gradients(gradicon_backward, backward_block(pair[0], 4), grad, pair, len(chain_ab), needs, shape,
+                              stride, noise, seed, (noise_scale, delta), STOP=stop_index(needs, False))
 
 
 def _gradicon_analytic_loss(chain_ab: list[Tensor], chain_ba: list[Tensor], shape: list[int], stride: int,
                             noise: Optional[Tensor], seed: int, noise_scale: float) -> Tensor:
-    d, fields, batch = _pair(chain_ab, chain_ba)
-    n = math.prod(_penalty_points(d, shape, stride))
-    programs = triton.cdiv(n, TILE)
-    partial = fields[0].new_zeros((batch * programs,), dtype=accumulation_dtype(fields[0].dtype))
-    _analytic_launch(gradicon_analytic_forward, lambda n: (programs, batch), fields, [None] * len(fields), batch, d,
-                     shape, stride, noise, seed, noise_scale, partial, partial, 0, -1, False, {})
-    return _loss_from_partials(partial, batch * d * n, fields[0].dtype)
+    return _penalty_value(gradicon_analytic_forward, _pair(chain_ab, chain_ba), shape, stride, noise, seed,
+                          (noise_scale,), STOP=-1)
 
 
 def _gradicon_analytic_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain_ba: list[Tensor], shape: list[int],
                                      stride: int, noise: Optional[Tensor], seed: int, noise_scale: float,
                                      ab_needs_grad: list[bool],
                                      ba_needs_grad: list[bool]) -> tuple[list[Tensor], list[Tensor]]:
-    d, fields, batch = _pair(chain_ab, chain_ba)
+    pair = _pair(chain_ab, chain_ba)
     needs = list(ab_needs_grad) + list(ba_needs_grad)
-    buffers = _grad_buffers(fields, needs)
-    stop = stop_index(needs, False)
-    if stop >= 0:
-        block = max(8, backward_block(d) // 2)  # the reverse pass also keeps J - I per field
-        _analytic_launch(gradicon_analytic_backward, lambda n: (triton.cdiv(n, block), batch), fields, buffers, batch,
-                         d, shape, stride, noise, seed, noise_scale, fields[0], grad.contiguous(), grad_mask(needs),
-                         stop, True, {"BLOCK": block, "num_warps": NUM_WARPS})
-    grads = _returned(buffers, fields)
-    return grads[:len(chain_ab)], grads[len(chain_ab):]
-
-
-def _icon_launch(kernel, grid, fields, buffers, n_ab, batch, d, shape, noise, seed, noise_scale, partial, grad_loss,
-                 gmask, stop_ab, stop_ba, backward, launch):
-    counts = _penalty_points(d, shape, 1)
-    n = math.prod(counts)
-    noise_arg, has_noise = _noise_arg(noise, d, counts, fields[0])
-    slots, batched = slot_args(fields, buffers, batch)
-    _launch(
-        kernel, grid(n),
-        noise_arg, partial, grad_loss, n, *_padded(shape), *split64(seed), *split64(float_bits(noise_scale)),
-        batch * d * n,
-        *slots, NF=len(fields), NA=n_ab, BATCHED=batched, GMASK=gmask, STOP_AB=stop_ab, STOP_BA=stop_ba,
-        HAS_NOISE=has_noise, BACKWARD=backward, **_common(d, fields[0].dtype, _chain.is_big(noise_arg, *fields)),
-        TILE=TILE, **launch)
+    block = max(8, backward_block(pair[0]) // 2)  # the reverse pass also keeps J - I per field
+    return _penalty_gradients(gradicon_analytic_backward, block, grad, pair, len(chain_ab), needs, shape, stride,
+                              noise, seed, (noise_scale,), STOP=stop_index(needs, False))
 
 
 def _icon_loss(chain_ab: list[Tensor], chain_ba: list[Tensor], shape: list[int], noise: Optional[Tensor], seed: int,
                noise_scale: float) -> Tensor:
-    d, fields, batch = _pair(chain_ab, chain_ba)
-    n = math.prod(_penalty_points(d, shape, 1))
-    programs = triton.cdiv(n, TILE)
-    partial = fields[0].new_zeros((batch * programs,), dtype=accumulation_dtype(fields[0].dtype))
-    _icon_launch(icon_forward, lambda n: (programs, batch), fields, [None] * len(fields), len(chain_ab), batch, d,
-                 shape, noise, seed, noise_scale, partial, partial, 0, -1, -1, False, {})
-    return _loss_from_partials(partial, batch * d * n, fields[0].dtype)
+    return _penalty_value(icon_forward, _pair(chain_ab, chain_ba), shape, None, noise, seed, (noise_scale,),
+                          NA=len(chain_ab), STOP_AB=-1, STOP_BA=-1)
 
 
 def _icon_loss_backward(grad: Tensor, chain_ab: list[Tensor], chain_ba: list[Tensor], shape: list[int],
                         noise: Optional[Tensor], seed: int, noise_scale: float, ab_needs_grad: list[bool],
                         ba_needs_grad: list[bool]) -> tuple[list[Tensor], list[Tensor]]:
-    d, fields, batch = _pair(chain_ab, chain_ba)
+    pair = _pair(chain_ab, chain_ba)
     ab, ba = list(ab_needs_grad), list(ba_needs_grad)
-    buffers = _grad_buffers(fields, ab + ba)
-    stop_ab, stop_ba = stop_index(ab + ba, False), stop_index(ba + ab, False)
-    if stop_ab >= 0:
-        block = backward_block(d)
-        _icon_launch(icon_backward, lambda n: (triton.cdiv(n, block), batch), fields, buffers, len(chain_ab), batch,
-                     d, shape, noise, seed, noise_scale, fields[0], grad.contiguous(), grad_mask(ab + ba), stop_ab,
-                     stop_ba, True, {"BLOCK": block, "num_warps": NUM_WARPS})
-    grads = _returned(buffers, fields)
-    return grads[:len(chain_ab)], grads[len(chain_ab):]
+    return _penalty_gradients(icon_backward, backward_block(pair[0]), grad, pair, len(chain_ab), ab + ba, shape, None,
+                              noise, seed, (noise_scale,), NA=len(chain_ab), STOP_AB=stop_index(ab + ba, False),
+                              STOP_BA=stop_index(ba + ab, False))
 
 
 def _normal_noise(seed: int, d: int, points_shape: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -379,216 +335,22 @@ def _normal_noise(seed: int, d: int, points_shape: list[int], dtype: torch.dtype
     return out
 
 
-# ---- fake kernels (only used where torch lacks triton_op) -------------------------------------
+# ---- registration: the op table's fake kernels and autograd, these bodies --------------------
 
 
-def _fake_pair_grads(chain_ab, chain_ba, ab_needs_grad, ba_needs_grad):
-    return ([f.new_empty(f.shape) if n else f.new_empty((0,)) for f, n in zip(chain_ab, ab_needs_grad)],
-            [f.new_empty(f.shape) if n else f.new_empty((0,)) for f, n in zip(chain_ba, ba_needs_grad)])
-
-
-def _fake_transform_points(chain, points):
-    return points.new_empty((_batch(points, *chain), *points.shape[1:]))
-
-
-def _fake_transform_points_backward(grad, chain, points, chain_needs_grad, points_needs_grad):
-    return ([f.new_empty(f.shape) if n else f.new_empty((0,)) for f, n in zip(chain, chain_needs_grad)],
-            points.new_empty(points.shape) if points_needs_grad else points.new_empty((0,)))
-
-
-def _fake_warp(image, chain, shape):
-    return image.new_empty((_batch(image, *chain), image.shape[1], *shape))
-
-
-def _fake_warp_backward(grad, image, chain, shape, image_needs_grad, chain_needs_grad):
-    return (image.new_empty(image.shape) if image_needs_grad else image.new_empty((0,)),
-            [f.new_empty(f.shape) if n else f.new_empty((0,)) for f, n in zip(chain, chain_needs_grad)])
-
-
-def _fake_gradicon(chain_ab, chain_ba, shape, stride, noise, seed, delta, noise_scale):
-    return chain_ab[0].new_empty(())
-
-
-def _fake_gradicon_backward(grad, chain_ab, chain_ba, shape, stride, noise, seed, delta, noise_scale, ab_needs_grad,
-                            ba_needs_grad):
-    return _fake_pair_grads(chain_ab, chain_ba, ab_needs_grad, ba_needs_grad)
-
-
-def _fake_gradicon_analytic(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale):
-    return chain_ab[0].new_empty(())
-
-
-def _fake_gradicon_analytic_backward(grad, chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, ab_needs_grad,
-                                     ba_needs_grad):
-    return _fake_pair_grads(chain_ab, chain_ba, ab_needs_grad, ba_needs_grad)
-
-
-def _fake_icon(chain_ab, chain_ba, shape, noise, seed, noise_scale):
-    return chain_ab[0].new_empty(())
-
-
-def _fake_icon_backward(grad, chain_ab, chain_ba, shape, noise, seed, noise_scale, ab_needs_grad, ba_needs_grad):
-    return _fake_pair_grads(chain_ab, chain_ba, ab_needs_grad, ba_needs_grad)
-
-
-def _fake_normal_noise(seed, d, points_shape, dtype, device):
-    return torch.empty((1, d, *points_shape), dtype=dtype, device=device)
-
-
-# ---- registration -----------------------------------------------------------------------------
-
-
-def _op_exists(name: str) -> bool:
-    try:
-        getattr(getattr(torch.ops, NAMESPACE), name).default
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-def _define(name: str, fn, fake, traceable: bool = True) -> None:
-    """Define ``gradicon_fast_triton::name`` with body ``fn`` (once per process).
-
-    ``traceable=False`` keeps the operator opaque to torch.compile (a ``custom_op``): the backward
-    kernels scatter to addresses computed from values they load, and torch's analysis of which
-    tensors a traced kernel writes then counts every input as written (the fields, the noise),
-    which breaks the compiled graph's autograd (a leaf "modified in place").
-    """
-    if traceable:
-        TRACED.add(name)
-    if _op_exists(name):
-        return
-    qualname = f"{NAMESPACE}::{name}"
-    if traceable and hasattr(torch.library, "triton_op"):
-        torch.library.triton_op(qualname, fn, mutates_args=())
-    else:
-        op = torch.library.custom_op(qualname, fn, mutates_args=())
-        op.register_fake(fake)
-
-
-def _list_needs(needs, count: int) -> list[bool]:
-    return [bool(n) for n in (needs if isinstance(needs, (list, tuple)) else [needs] * count)]
-
-
-def _grads_or_none(grads, needed):
-    return [g if n else None for g, n in zip(grads, needed)]
-
-
-def _register_autograd() -> None:
-    ops = getattr(torch.ops, NAMESPACE)
-
-    def setup_transform_points(ctx, inputs, output):
-        chain, points = inputs
-        ctx.chain_len = len(chain)
-        ctx.save_for_backward(*chain, points)
-
-    def backward_transform_points(ctx, grad):
-        *chain, points = ctx.saved_tensors
-        chain_needs, points_needs = ctx.needs_input_grad
-        chain_needs = _list_needs(chain_needs, ctx.chain_len)
-        grads, grad_points = ops.transform_points_backward(grad, chain, points, chain_needs, bool(points_needs))
-        return _grads_or_none(grads, chain_needs), grad_points if points_needs else None
-
-    torch.library.register_autograd(f"{NAMESPACE}::transform_points", backward_transform_points,
-                                    setup_context=setup_transform_points)
-
-    def setup_warp(ctx, inputs, output):
-        image, chain, shape = inputs
-        ctx.shape = list(shape)
-        ctx.chain_len = len(chain)
-        ctx.save_for_backward(image, *chain)
-
-    def backward_warp(ctx, grad):
-        image, *chain = ctx.saved_tensors
-        image_needs, chain_needs, _ = ctx.needs_input_grad
-        chain_needs = _list_needs(chain_needs, ctx.chain_len)
-        grad_image, grads = ops.warp_backward(grad, image, chain, ctx.shape, bool(image_needs), chain_needs)
-        return grad_image if image_needs else None, _grads_or_none(grads, chain_needs), None
-
-    torch.library.register_autograd(f"{NAMESPACE}::warp", backward_warp, setup_context=setup_warp)
-
-    def pair_needs(ctx, n_ab, n_ba):
-        return _list_needs(ctx.needs_input_grad[0], n_ab), _list_needs(ctx.needs_input_grad[1], n_ba)
-
-    def setup_gradicon(ctx, inputs, output):
-        chain_ab, chain_ba, shape, stride, noise, seed, delta, noise_scale = inputs
-        ctx.n_ab, ctx.n_ba = len(chain_ab), len(chain_ba)
-        ctx.args = (list(shape), stride, seed, delta, noise_scale)
-        ctx.has_noise = noise is not None
-        ctx.save_for_backward(*chain_ab, *chain_ba, *([noise] if noise is not None else []))
-
-    def backward_gradicon(ctx, grad):
-        saved = ctx.saved_tensors
-        chain_ab, chain_ba = list(saved[:ctx.n_ab]), list(saved[ctx.n_ab:ctx.n_ab + ctx.n_ba])
-        noise = saved[-1] if ctx.has_noise else None
-        shape, stride, seed, delta, noise_scale = ctx.args
-        ab_needs, ba_needs = pair_needs(ctx, ctx.n_ab, ctx.n_ba)
-        grads_ab, grads_ba = ops.gradicon_loss_backward(grad, chain_ab, chain_ba, shape, stride, noise, seed, delta,
-                                                        noise_scale, ab_needs, ba_needs)
-        return (_grads_or_none(grads_ab, ab_needs), _grads_or_none(grads_ba, ba_needs),
-                None, None, None, None, None, None)
-
-    torch.library.register_autograd(f"{NAMESPACE}::gradicon_loss", backward_gradicon, setup_context=setup_gradicon)
-
-    def setup_icon(ctx, inputs, output):
-        chain_ab, chain_ba, shape, noise, seed, noise_scale = inputs
-        ctx.n_ab, ctx.n_ba = len(chain_ab), len(chain_ba)
-        ctx.args = (list(shape), seed, noise_scale)
-        ctx.has_noise = noise is not None
-        ctx.save_for_backward(*chain_ab, *chain_ba, *([noise] if noise is not None else []))
-
-    def backward_icon(ctx, grad):
-        saved = ctx.saved_tensors
-        chain_ab, chain_ba = list(saved[:ctx.n_ab]), list(saved[ctx.n_ab:ctx.n_ab + ctx.n_ba])
-        noise = saved[-1] if ctx.has_noise else None
-        shape, seed, noise_scale = ctx.args
-        ab_needs, ba_needs = pair_needs(ctx, ctx.n_ab, ctx.n_ba)
-        grads_ab, grads_ba = ops.icon_loss_backward(grad, chain_ab, chain_ba, shape, noise, seed, noise_scale,
-                                                    ab_needs, ba_needs)
-        return _grads_or_none(grads_ab, ab_needs), _grads_or_none(grads_ba, ba_needs), None, None, None, None
-
-    torch.library.register_autograd(f"{NAMESPACE}::icon_loss", backward_icon, setup_context=setup_icon)
-
-    def setup_analytic(ctx, inputs, output):
-        chain_ab, chain_ba, shape, stride, noise, seed, noise_scale = inputs
-        ctx.n_ab, ctx.n_ba = len(chain_ab), len(chain_ba)
-        ctx.args = (list(shape), stride, seed, noise_scale)
-        ctx.has_noise = noise is not None
-        ctx.save_for_backward(*chain_ab, *chain_ba, *([noise] if noise is not None else []))
-
-    def backward_analytic(ctx, grad):
-        saved = ctx.saved_tensors
-        chain_ab, chain_ba = list(saved[:ctx.n_ab]), list(saved[ctx.n_ab:ctx.n_ab + ctx.n_ba])
-        noise = saved[-1] if ctx.has_noise else None
-        shape, stride, seed, noise_scale = ctx.args
-        ab_needs, ba_needs = pair_needs(ctx, ctx.n_ab, ctx.n_ba)
-        grads_ab, grads_ba = ops.gradicon_analytic_loss_backward(grad, chain_ab, chain_ba, shape, stride, noise, seed,
-                                                                 noise_scale, ab_needs, ba_needs)
-        return _grads_or_none(grads_ab, ab_needs), _grads_or_none(grads_ba, ba_needs), None, None, None, None, None
-
-    torch.library.register_autograd(f"{NAMESPACE}::gradicon_analytic_loss", backward_analytic,
-                                    setup_context=setup_analytic)
-
-
-def _register() -> None:
-    if _op_exists("transform_points"):
-        return  # registered by an earlier import of this module under another name
-    _define("transform_points", _transform_points, _fake_transform_points)
-    _define("transform_points_backward", _transform_points_backward, _fake_transform_points_backward, traceable=False)
-    _define("warp", _warp, _fake_warp)
-    _define("warp_backward", _warp_backward, _fake_warp_backward, traceable=False)
-    _define("gradicon_loss", _gradicon_loss, _fake_gradicon)
-    _define("gradicon_loss_backward", _gradicon_loss_backward, _fake_gradicon_backward, traceable=False)
-    _define("gradicon_analytic_loss", _gradicon_analytic_loss, _fake_gradicon_analytic)
-    _define("gradicon_analytic_loss_backward", _gradicon_analytic_loss_backward, _fake_gradicon_analytic_backward,
-            traceable=False)
-    _define("icon_loss", _icon_loss, _fake_icon)
-    _define("icon_loss_backward", _icon_loss_backward, _fake_icon_backward, traceable=False)
-    _define("normal_noise", _normal_noise, _fake_normal_noise)
-    _register_autograd()
-
-
-_register()
+TRACED = op_registry.register_python(NAMESPACE, {
+    "transform_points": _transform_points,
+    "transform_points_backward": _transform_points_backward,
+    "warp": _warp,
+    "warp_backward": _warp_backward,
+    "gradicon_loss": _gradicon_loss,
+    "gradicon_loss_backward": _gradicon_loss_backward,
+    "gradicon_analytic_loss": _gradicon_analytic_loss,
+    "gradicon_analytic_loss_backward": _gradicon_analytic_loss_backward,
+    "icon_loss": _icon_loss,
+    "icon_loss_backward": _icon_loss_backward,
+    "normal_noise": _normal_noise,
+}, traceable_op=getattr(torch.library, "triton_op", None))  # the operators torch.compile traces into
 
 
 # ---- typed wrappers (the signatures of gradicon_fast.ops') ------------------------------------

@@ -19,7 +19,7 @@ import struct
 import triton
 import triton.language as tl
 
-from .sampling import grid_coordinate
+from .sampling import as_index, grid_coordinate
 
 
 def float_bits(value: float) -> int:
@@ -43,6 +43,34 @@ def join64(LO, HI):
 @triton.jit
 def scalar_from_bits(LO, HI, CT: tl.constexpr):
     return join64(LO, HI).to(tl.float64, bitcast=True).to(CT)
+
+
+@triton.jit
+def penalty_scalars(SEED_LO, SEED_HI, NOISE_SCALE_LO, NOISE_SCALE_HI, CT: tl.constexpr):
+    """(seed, noise_scale) of a penalty kernel, from their halves."""
+    return join64(SEED_LO, SEED_HI), scalar_from_bits(NOISE_SCALE_LO, NOISE_SCALE_HI, CT)
+
+
+@triton.jit
+def tile_points(t, n, TILE: tl.constexpr, BLOCK: tl.constexpr, BIG: tl.constexpr):
+    """Flat indices (and mask) of step ``t`` of a loss kernel's walk over its tile of TILE points."""
+    offs = as_index(tl.program_id(0), BIG) * TILE + t + tl.arange(0, BLOCK)
+    return offs, offs < n
+
+
+@triton.jit
+def store_partial(PARTIAL, acc):
+    """A loss kernel's partial sum: program (t, b) writes entry b · programs + t."""
+    tl.store(PARTIAL + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+@triton.jit
+def as_columns(x, D: tl.constexpr):
+    """A D-tuple of [BLOCK] coordinates as [BLOCK, 1] (one point per row)."""
+    out = ()
+    for k in tl.static_range(D):
+        out = out + (x[k][:, None],)
+    return out
 
 
 @triton.jit

@@ -147,9 +147,8 @@ def corner_curvatures(cell, D: tl.constexpr, K: tl.constexpr, J: tl.constexpr):
 
 
 @triton.jit
-def interpolate_gradient(ptr, cell, D: tl.constexpr, CT: tl.constexpr, mask):
-    """Gradient of one channel with respect to the coordinates: a D-tuple, entry k = ∂f/∂x_k."""
-    v = gather_corners(ptr, cell, mask, CT)
+def _gradient_from_corners(v, cell, D: tl.constexpr):
+    """The interpolant's gradient from its corner values ``v``: a D-tuple, entry k = ∂f/∂x_k."""
     grad = ()
     for k in tl.static_range(D):
         grad = grad + (tl.sum(v * corner_slopes(cell, D, k), axis=2) * cell[3][k],)
@@ -157,13 +156,16 @@ def interpolate_gradient(ptr, cell, D: tl.constexpr, CT: tl.constexpr, mask):
 
 
 @triton.jit
+def interpolate_gradient(ptr, cell, D: tl.constexpr, CT: tl.constexpr, mask):
+    """Gradient of one channel with respect to the coordinates: a D-tuple, entry k = ∂f/∂x_k."""
+    return _gradient_from_corners(gather_corners(ptr, cell, mask, CT), cell, D)
+
+
+@triton.jit
 def interpolate_with_gradient(ptr, cell, D: tl.constexpr, CT: tl.constexpr, mask):
     """(value, gradient D-tuple, corner values) of one channel from one gather."""
     v = gather_corners(ptr, cell, mask, CT)
-    grad = ()
-    for k in tl.static_range(D):
-        grad = grad + (tl.sum(v * corner_slopes(cell, D, k), axis=2) * cell[3][k],)
-    return tl.sum(v * cell[1], axis=2), grad, v
+    return tl.sum(v * cell[1], axis=2), _gradient_from_corners(v, cell, D), v
 
 
 @triton.jit

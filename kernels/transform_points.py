@@ -9,44 +9,20 @@ again, then scatters ``∂L/∂field`` into the gradient buffers (atomic adds) a
 import triton
 import triton.language as tl
 
-from .chain import SIZE_ARGS, chain_backward, chain_forward
+from .chain import block_points, chain_backward, chain_forward, chain_kernels
 from .sampling import as_index
-from .tuning import forward_configs
 
 
 def _transform_points(
-    X, OUT, GRAD_OUT, GRAD_X, N,
-    F0, G0, A0, B0, C0,
-    F1, G1, A1, B1, C1,
-    F2, G2, A2, B2, C2,
-    F3, G3, A3, B3, C3,
-    F4, G4, A4, B4, C4,
-    F5, G5, A5, B5, C5,
-    F6, G6, A6, B6, C6,
-    F7, G7, A7, B7, C7,
-    F8, G8, A8, B8, C8,
-    F9, G9, A9, B9, C9,
-    F10, G10, A10, B10, C10,
-    F11, G11, A11, B11, C11,
-    F12, G12, A12, B12, C12,
-    F13, G13, A13, B13, C13,
-    F14, G14, A14, B14, C14,
-    F15, G15, A15, B15, C15,
-    NF: tl.constexpr, BATCHED: tl.constexpr, GMASK: tl.constexpr, STOP: tl.constexpr,
-    X_BATCHED: tl.constexpr, BACKWARD: tl.constexpr, POINT_GRAD: tl.constexpr,
+    X, OUT, GRAD_OUT, GRAD_X, N, CHAIN,
+    STOP: tl.constexpr, X_BATCHED: tl.constexpr, BACKWARD: tl.constexpr, POINT_GRAD: tl.constexpr,
     D: tl.constexpr, F64: tl.constexpr, BIG: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    CT: tl.constexpr = tl.float64 if F64 else tl.float32
-    fields = (F0, F1, F2, F3, F4, F5, F6, F7, F8, F9, F10, F11, F12, F13, F14, F15)
-    grads = (G0, G1, G2, G3, G4, G5, G6, G7, G8, G9, G10, G11, G12, G13, G14, G15)
-    sizes = ((A0, B0, C0), (A1, B1, C1), (A2, B2, C2), (A3, B3, C3), (A4, B4, C4), (A5, B5, C5),
-             (A6, B6, C6), (A7, B7, C7), (A8, B8, C8), (A9, B9, C9), (A10, B10, C10), (A11, B11, C11),
-             (A12, B12, C12), (A13, B13, C13), (A14, B14, C14), (A15, B15, C15))
-    b = tl.program_id(1)
-    offs = as_index(tl.program_id(0), BIG) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    n = as_index(N, BIG)
+    fields, grads, sizes = CHAIN
+    b, n = tl.program_id(1), as_index(N, BIG)
+    offs, mask = block_points(n, BLOCK, BIG)
     row = as_index(b, BIG) * D * n  # batch entry b of a (B, d, N) tensor
+    CT: tl.constexpr = tl.float64 if F64 else tl.float32
     if X_BATCHED:
         xrow = row
     else:
@@ -69,8 +45,4 @@ def _transform_points(
             tl.store(OUT + row + k * n + offs, tl.sum(end[k], axis=1).to(OUT.dtype.element_ty), mask=mask)
 
 
-_NO_SPECIALIZE = ["N", *SIZE_ARGS]
-
-transform_points_forward = triton.autotune(configs=forward_configs(), key=["N", "NF", "D"])(
-    triton.jit(_transform_points, do_not_specialize=_NO_SPECIALIZE))
-transform_points_backward = triton.jit(_transform_points, do_not_specialize=_NO_SPECIALIZE)
+transform_points_forward, transform_points_backward = chain_kernels(_transform_points, ["N"], ["N", "NF", "D"])

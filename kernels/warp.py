@@ -9,9 +9,8 @@ Grid: (output-point blocks, batch). The image is (B|1, C, *S_I), the output (B, 
 import triton
 import triton.language as tl
 
-from .chain import SIZE_ARGS, chain_backward, chain_forward
+from .chain import block_points, chain_backward, chain_forward, chain_kernels
 from .sampling import as_index, grid_coordinate, interpolate, interpolate_gradient, locate_cell, scatter
-from .tuning import forward_configs
 
 
 @triton.jit
@@ -29,38 +28,15 @@ def grid_point(offs, shape, D: tl.constexpr, CT: tl.constexpr):
 
 
 def _warp(
-    IMG, OUT, GRAD_OUT, GRAD_IMG, CHANNELS, N, IA, IB, IC, OA, OB, OC,
-    F0, G0, A0, B0, C0,
-    F1, G1, A1, B1, C1,
-    F2, G2, A2, B2, C2,
-    F3, G3, A3, B3, C3,
-    F4, G4, A4, B4, C4,
-    F5, G5, A5, B5, C5,
-    F6, G6, A6, B6, C6,
-    F7, G7, A7, B7, C7,
-    F8, G8, A8, B8, C8,
-    F9, G9, A9, B9, C9,
-    F10, G10, A10, B10, C10,
-    F11, G11, A11, B11, C11,
-    F12, G12, A12, B12, C12,
-    F13, G13, A13, B13, C13,
-    F14, G14, A14, B14, C14,
-    F15, G15, A15, B15, C15,
-    NF: tl.constexpr, BATCHED: tl.constexpr, GMASK: tl.constexpr, STOP: tl.constexpr,
-    IMG_BATCHED: tl.constexpr, BACKWARD: tl.constexpr, IMAGE_GRAD: tl.constexpr,
+    IMG, OUT, GRAD_OUT, GRAD_IMG, CHANNELS, N, IA, IB, IC, OA, OB, OC, CHAIN,
+    STOP: tl.constexpr, IMG_BATCHED: tl.constexpr, BACKWARD: tl.constexpr, IMAGE_GRAD: tl.constexpr,
     D: tl.constexpr, F64: tl.constexpr, BIG: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    fields, grads, sizes = CHAIN
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
-    fields = (F0, F1, F2, F3, F4, F5, F6, F7, F8, F9, F10, F11, F12, F13, F14, F15)
-    grads = (G0, G1, G2, G3, G4, G5, G6, G7, G8, G9, G10, G11, G12, G13, G14, G15)
-    sizes = ((A0, B0, C0), (A1, B1, C1), (A2, B2, C2), (A3, B3, C3), (A4, B4, C4), (A5, B5, C5),
-             (A6, B6, C6), (A7, B7, C7), (A8, B8, C8), (A9, B9, C9), (A10, B10, C10), (A11, B11, C11),
-             (A12, B12, C12), (A13, B13, C13), (A14, B14, C14), (A15, B15, C15))
-    b = tl.program_id(1)
-    offs = as_index(tl.program_id(0), BIG) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+    b, n = tl.program_id(1), as_index(N, BIG)
+    offs, mask = block_points(n, BLOCK, BIG)
     mask3 = mask[:, None, None]
-    n = as_index(N, BIG)
     x = grid_point(offs, (OA, OB, OC), D, CT)
     end, stash = chain_forward(x, fields, grads, sizes, b, NF, 0, BATCHED, D, CT, BIG, mask3)
     cell = locate_cell(end, (IA, IB, IC), D, BIG)
@@ -100,8 +76,5 @@ def _warp(
             tl.store(OUT + out_row + c * n + offs, tl.sum(v, axis=1).to(OUT.dtype.element_ty), mask=mask)
 
 
-_NO_SPECIALIZE = ["CHANNELS", "N", "IA", "IB", "IC", "OA", "OB", "OC", *SIZE_ARGS]
-
-warp_forward = triton.autotune(configs=forward_configs(), key=["N", "NF", "D", "CHANNELS"])(
-    triton.jit(_warp, do_not_specialize=_NO_SPECIALIZE))
-warp_backward = triton.jit(_warp, do_not_specialize=_NO_SPECIALIZE)
+warp_forward, warp_backward = chain_kernels(_warp, ["CHANNELS", "N", "IA", "IB", "IC", "OA", "OB", "OC"],
+                                            ["N", "NF", "D", "CHANNELS"])
