@@ -90,6 +90,22 @@ def backends() -> dict[str, bool]:
     return {name: unavailable_reason(name) is None for name in KNOWN if name != "auto"}
 
 
+def fused_ops(name: str):
+    """The module of typed wrappers (``transform_points``, ``warp``, ``gradicon_loss``,
+    ``gradicon_analytic_loss``, ``icon_loss``, ``normal_noise``) that runs fused backend ``name``'s
+    ops (docs/op_layer.md). Imported on first use, not cached in a global: torch.compile would
+    guard on it."""
+    if name in ("cpu", "cuda"):
+        from . import ops
+
+        return ops
+    if name == "triton":
+        from .kernels import ops as triton_ops  # imported lazily: triton is optional
+
+        return triton_ops
+    raise ValueError(f"backend {name!r} has no fused ops")
+
+
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)

@@ -19,28 +19,12 @@ from . import reference as _ref
 Tensor = torch.Tensor
 
 
-def _fused_ops():
-    from . import ops  # imported on first use, not cached in a global (torch.compile would guard on it)
-
-    return ops
-
-
-def _triton_ops():
-    from .kernels import ops as triton_ops  # imported lazily: triton is optional
-
-    return triton_ops
-
-
 def _impl(backend: str, dtype: torch.dtype | None = None):
-    """Module with transform_points/warp/gradicon_loss/icon_loss for a concrete backend."""
+    """Module with transform_points/warp/gradicon_loss/icon_loss for a concrete fused backend."""
     if backend == "cpu" and dtype not in (None, torch.float32, torch.float64):
         raise TypeError(f"backend 'cpu' computes in float32 or float64, but the fields are {dtype}; "
                         "convert them (e.g. .float()) or use backend='torch'")
-    if backend in ("cpu", "cuda"):
-        return _fused_ops()
-    if backend == "triton":
-        return _triton_ops()
-    raise AssertionError(backend)
+    return _backends.fused_ops(backend)
 
 
 def identity_map(shape: Sequence[int], *, dtype=torch.float32, device=None) -> Tensor:
@@ -175,25 +159,24 @@ def icon_loss(chain_AB: Sequence[Tensor], chain_BA: Sequence[Tensor], *, shape: 
     return _impl(name, chain_AB[0].dtype).icon_loss(chain_AB, chain_BA, shape, noise, seed, noise_scale)
 
 
-def jacobian_determinant(phi: Tensor) -> Tensor:
-    """Jacobian determinant of map ``phi`` per grid cell (forward differences), (B, *(S - 1)); 1 for the identity."""
-    V.check_map("phi", phi)
-    return _ref.jacobian_determinant(phi)
+def _map_measure(measure, doc: str):
+    """The public form of the reference's measure of a map: ``phi`` checked first."""
+
+    def checked(phi: Tensor) -> Tensor:
+        V.check_map("phi", phi)
+        return measure(phi)
+
+    checked.__name__ = checked.__qualname__ = measure.__name__
+    checked.__doc__ = doc
+    return checked
 
 
-def fold_percentage(phi: Tensor) -> Tensor:
-    """Percentage of grid cells the map ``phi`` folds (negative signed volume): the paper's %|J|."""
-    V.check_map("phi", phi)
-    return _ref.fold_percentage(phi)
-
-
-def diffusion_energy(phi: Tensor) -> Tensor:
-    """Diffusion regulariser ``mean ‖∇(φ - id)‖²`` of map ``phi`` (central differences)."""
-    V.check_map("phi", phi)
-    return _ref.diffusion_energy(phi)
-
-
-def bending_energy(phi: Tensor) -> Tensor:
-    """Bending energy ``mean Σ ‖∇²(φ - id)_i‖²`` of map ``phi`` (central differences)."""
-    V.check_map("phi", phi)
-    return _ref.bending_energy(phi)
+jacobian_determinant = _map_measure(
+    _ref.jacobian_determinant,
+    "Jacobian determinant of map ``phi`` per grid cell (forward differences), (B, *(S - 1)); 1 for the identity.")
+fold_percentage = _map_measure(
+    _ref.fold_percentage, "Percentage of grid cells the map ``phi`` folds (negative signed volume): the paper's %|J|.")
+diffusion_energy = _map_measure(
+    _ref.diffusion_energy, "Diffusion regulariser ``mean ‖∇(φ - id)‖²`` of map ``phi`` (central differences).")
+bending_energy = _map_measure(
+    _ref.bending_energy, "Bending energy ``mean Σ ‖∇²(φ - id)_i‖²`` of map ``phi`` (central differences).")

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from .backend_registry import fused_ops
+
 Tensor = torch.Tensor
 
 _SEED_BOUND = 2**62
@@ -44,11 +46,7 @@ def randn_noise(generator: torch.Generator | None, shape: Sequence[int], dtype: 
 def seeded_noise(seed: int, backend: str, d: int, points_shape: Sequence[int], dtype: torch.dtype,
                  device: torch.device) -> Tensor:
     """The noise a fused backend's kernels draw from ``seed`` themselves."""
-    if backend == "triton":
-        from .kernels import ops as backend_ops  # imported lazily: triton is optional
-    else:
-        from . import ops as backend_ops
-    return backend_ops.normal_noise(seed, d, points_shape, dtype=dtype, device=device)
+    return fused_ops(backend).normal_noise(seed, d, points_shape, dtype=dtype, device=device)
 
 
 def _generator_key(generator: torch.Generator | None) -> int:

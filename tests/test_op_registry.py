@@ -113,3 +113,11 @@ def test_every_op_of_the_extension_is_in_the_table():
     defined = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("gradicon_fast::")}
     assert defined - {"built_with_cuda"} == set(ops.EXTENSION_OPS)
     assert set(ops.EXTENSION_OPS) <= set(op_registry.OPS)
+
+
+def test_each_fused_backend_has_one_module_of_wrappers():
+    from gradicon_fast import backend_registry, ops
+
+    assert backend_registry.fused_ops("cpu") is ops and backend_registry.fused_ops("cuda") is ops
+    with pytest.raises(ValueError, match="no fused ops"):
+        backend_registry.fused_ops("torch")
