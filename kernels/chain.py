@@ -40,6 +40,7 @@ compiled kernels on disk.
 import inspect
 import linecache
 import re
+import textwrap
 
 import torch
 import triton
@@ -74,10 +75,10 @@ def with_chain_arguments(fn):
     source) at the original line numbers, under a name that says where it comes from.
     """
     lines, first = inspect.getsourcelines(fn)
-    start = next(i for i, line in enumerate(lines) if line.startswith("def "))  # below any decorator
-    source = "".join(lines[start:])
-    end = source.index("):\n") + 3  # the end of the signature
-    signature, body = source[:end], source[end:]
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("def "))  # below any decorator
+    source = textwrap.dedent("".join(lines[start:]))
+    header = re.search(r"\)\s*:\s*\n", source)  # the end of the signature
+    signature, body = (source[:header.end()], source[header.end():]) if header else (source, "")
     params, tuples = _chain_source()
     if len(re.findall(r"\bCHAIN,", signature)) != 1 or body.count(" = CHAIN\n") != 1:
         raise ValueError(f"{fn.__name__}: a kernel takes the parameter CHAIN and says 'fields, grads, sizes = CHAIN' "

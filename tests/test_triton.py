@@ -29,6 +29,8 @@ if not HAS_CUDA:
     # Must be set before the @triton.jit functions are defined, i.e. before the import below.
     os.environ["TRITON_INTERPRET"] = "1"
 
+import triton.language as tl  # noqa: E402  (the annotations of the kernel sources spelled out below)
+
 import gradicon_fast as gf  # noqa: E402
 from gradicon_fast import reference as R  # noqa: E402
 from gradicon_fast.kernels import ops as T  # noqa: E402
@@ -450,6 +452,31 @@ def test_half_precision_fields(rng, dtype):
 
 
 # ---- registration, compilation ------------------------------------------------------------------
+
+
+def test_a_kernel_source_writes_its_chain_arguments_once():
+    # CHAIN stands for the 16 slots, then NF, BATCHED, GMASK, where the host passes them.
+    import inspect
+
+    from gradicon_fast.kernels import chain as chain_module
+
+    def kernel(X, N, CHAIN, D: tl.constexpr):
+        fields, grads, sizes = CHAIN
+        return fields, grads, sizes, NF, BATCHED, GMASK  # noqa: F821 (parameters once spelled out)
+
+    spelled = chain_module.with_chain_arguments(kernel)
+    slots = [f"{name}{j}" for j in range(16) for name in "FGABC"]
+    assert list(inspect.signature(spelled).parameters) == ["X", "N", *slots, "NF", "BATCHED", "GMASK", "D"]
+    fields, grads, sizes, nf, batched, gmask = spelled(None, 9, *range(80), 2, 1, 3, 3)
+    assert fields == tuple(range(0, 80, 5)) and grads == tuple(range(1, 80, 5))
+    assert sizes[1] == (7, 8, 9) and (nf, batched, gmask) == (2, 1, 3)
+    assert "fields, grads, sizes = (F0, F1, F2" in inspect.getsource(spelled)  # what Triton reads
+
+    def no_chain(X, N):
+        return X
+
+    with pytest.raises(ValueError, match="CHAIN"):
+        chain_module.with_chain_arguments(no_chain)
 
 
 def test_registered_ops_have_fake_kernels(rng):
