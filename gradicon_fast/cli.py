@@ -15,6 +15,7 @@ and renamed, so a failed run leaves no partial file behind.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -280,7 +281,7 @@ def _cmd_train(args) -> int:
 
     try:
         from .data import SyntheticPairDataset, VolumePairDataset
-        from .train import TrainConfig, train_two_stage
+        from .train import MemoryBudgetError, TrainConfig, train_two_stage
     except ImportError:
         raise UsageError(_network_layer_missing("train")) from None
     spec = TRAIN_CONFIGS[args.config]
@@ -301,14 +302,40 @@ def _cmd_train(args) -> int:
             raise InputError(f"--data {args.data!r}: {e}") from None
     out = args.out or os.path.join("runs", args.config)
     config = TrainConfig(batch_size=args.batch_size, lr=args.lr, device=args.device, backend=args.backend,
-                         seed=args.seed, amp=args.amp, progress=not args.quiet, resume=not args.no_resume)
+                         seed=args.seed, amp=args.amp, progress=not args.quiet, resume=not args.no_resume,
+                         memory_budget=_training_budget(args, dataset, shape))
     _say(args, f"training the {args.config} configuration: {len(dataset)} pairs at {'x'.join(map(str, shape))}, "
                f"{args.steps_stage1} + {args.steps_stage2} steps, output {out}")
     start = time.perf_counter()
-    train_two_stage(dataset, out, shape, stage1_steps=args.steps_stage1, stage2_steps=args.steps_stage2,
-                    config=config, lmbda=args.lmbda, width=args.width)
+    try:
+        train_two_stage(dataset, out, shape, stage1_steps=args.steps_stage1, stage2_steps=args.steps_stage2,
+                        config=config, lmbda=args.lmbda, width=args.width)
+    except MemoryBudgetError as e:  # raised before anything is written
+        raise InputError(f"--memory-budget: {e}") from None
     _say(args, f"trained in {time.perf_counter() - start:.0f} s; model: {os.path.join(out, 'stage2', 'model.pt')}")
     return 0
+
+
+def _training_budget(args, dataset, shape) -> int | str | None:
+    """--memory-budget in bytes, less what the cached volumes will take (they stay in memory)."""
+    if args.memory_budget is None:
+        return None
+    from .train import MemoryBudgetError, parse_size
+    from .train.memory_budget import format_size
+
+    try:
+        budget = parse_size(args.memory_budget)
+    except MemoryBudgetError as e:
+        raise UsageError(f"--memory-budget: {e}") from None
+    volumes = len(getattr(dataset, "paths", ()))
+    cache = volumes * math.prod(shape) * (4 + (8 if args.labels else 0))  # float32 images, int64 labels
+    if cache >= budget:
+        raise UsageError(f"--memory-budget {args.memory_budget} ({format_size(budget)}) is too small: the {volumes} "
+                         f"cached volumes alone take {format_size(cache)}")
+    if not cache:
+        return args.memory_budget
+    _say(args, f"memory budget {format_size(budget)}: {format_size(cache)} kept for the cached volumes")
+    return budget - cache
 
 
 def _cmd_demo(args) -> int:
@@ -506,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=None, help="number of synthetic pairs (synthetic2d)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast of the U-Nets")
+    p.add_argument("--memory-budget", metavar="SIZE", help="train within SIZE of memory (RAM on the CPU, GPU memory "
+                   "on a GPU), e.g. 20GB, 512MiB, 1.5G (G = 2^30 bytes, GB = 10^9): precision, activation "
+                   "checkpointing and micro-batch (with gradient accumulation keeping --batch-size) are chosen by "
+                   "probe steps, fastest first; the choice is printed and saved with the checkpoints "
+                   "(docs/training.md)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if RUN holds checkpoints")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     _add_common(p)

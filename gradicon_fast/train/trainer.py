@@ -37,6 +37,7 @@ from .augment import augment_pair
 from .checkpoint import (atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint_file, prune_checkpoints,
                          rng_state, set_rng_state)
 from .distributed import DistEnv, all_reduce_sum, init_distributed
+from .memory_budget import choose_configuration, format_size, parse_size
 from .sampler import PairStreamSampler
 
 TERMS = ("total", "similarity", "regularization", "fold_percentage")
@@ -83,6 +84,11 @@ class TrainConfig:
     backend: str | None = None            # gradicon_fast backend of the ops (None: current/"auto")
     device: str | None = None             # None: cuda:LOCAL_RANK if available, else cpu
     save_final_model: bool = True         # out_dir/model.pt (gradicon_fast.nn.load_model)
+    # Bytes or a size ("20GB"): precision, checkpointing, micro-batch and accumulation are chosen by
+    # probe steps to fit it (gradicon_fast.train.memory_budget); the effective batch stays
+    # batch_size · accumulate. The choice is recorded in memory_choice (saved in checkpoints).
+    memory_budget: str | int | None = None
+    memory_choice: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -136,6 +142,10 @@ class Trainer:
             raise TypeError(f"model must be a gradicon_fast.nn.GradICON, got {type(model).__name__}")
         if config.backend is not None:
             model.backend = config.backend
+        resume_from = latest_checkpoint(self.checkpoint_dir) if config.resume else None
+        blob = load_checkpoint_file(resume_from, map_location=self.device) if resume_from is not None else None
+        if config.memory_budget is not None and config.memory_choice is None:
+            self.config = config = self._fit_budget(model, config, blob)
         amp_dtype = getattr(torch, config.amp_dtype) if config.amp else None
         model.configure(amp_dtype=amp_dtype, checkpoint=config.checkpoint_activations)
         if self._use_sync_batchnorm():
@@ -145,8 +155,8 @@ class Trainer:
         self._generator = torch.Generator()
         self.step = 0
         self.resumed_from: Path | None = None
-        if config.resume:
-            self._maybe_resume()
+        if blob is not None:
+            self._resume(blob, resume_from)
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -167,11 +177,26 @@ class Trainer:
                              "implementation (use 'auto' to normalise per rank on CPUs)")
         return on_gpu
 
-    def _maybe_resume(self) -> None:
-        path = latest_checkpoint(self.checkpoint_dir)
-        if path is None:
-            return
-        blob = load_checkpoint_file(path, map_location=self.device)
+    def _fit_budget(self, model: GradICON, config: TrainConfig, blob: dict | None) -> TrainConfig:
+        """``config`` with the configuration that fits ``config.memory_budget``: the choice saved with the
+        checkpoint being resumed (same budget, same effective batch), else one made by probe steps."""
+        if self.dist.distributed:
+            raise ValueError("memory_budget chooses in one process: under torchrun, choose first without it "
+                             "(gradicon_fast.train.choose_configuration) and pass the chosen options")
+        say = print if config.progress else (lambda message: None)
+        saved = ((blob or {}).get("train_config") or {}).get("memory_choice")
+        effective = config.batch_size * config.accumulate
+        if saved and saved["budget_bytes"] == parse_size(config.memory_budget) \
+                and saved["batch_size"] * saved["accumulate"] == effective:
+            say(f"memory budget {format_size(saved['budget_bytes'])}: {saved['chosen']} (as chosen for the run "
+                "being resumed)")
+            return dataclasses.replace(config, **saved["options"], batch_size=saved["batch_size"],
+                                       accumulate=saved["accumulate"], memory_choice=saved)
+        choice = choose_configuration(model, config.memory_budget, config, log=say)
+        say(choice.describe(config))
+        return choice.apply(config)
+
+    def _resume(self, blob: dict, path: Path) -> None:
         self.model.load_state_dict(blob["model"])
         self.optimizer.load_state_dict(blob["optimizer"])
         self.step = int(blob["step"])
@@ -348,13 +373,18 @@ def train_two_stage(dataset, out_dir, input_shape, *, stage1_steps: int, stage2_
     """The paper's protocol: stage 1 trains the 3-step network (``out_dir/stage1``); stage 2 adds U4
     (:func:`gradicon_fast.nn.grow`) and trains all four steps (``out_dir/stage2``). Each stage
     resumes from its own checkpoints; a finished stage 1 is not rerun. ``model_kwargs`` go to
-    :func:`gradicon_fast.nn.standard_network`. Returns the 4-step model."""
+    :func:`gradicon_fast.nn.standard_network`. Returns the 4-step model.
+
+    With ``config.memory_budget`` the 4-step network's configuration is chosen before stage 1
+    starts (a budget that nothing fits fails before anything is written); stage 1 makes its own
+    choice for the 3-step network, which needs less."""
     from ..nn import build_model, grow, standard_network
 
     config = config or TrainConfig()
     env = init_distributed(config.device)
     out_dir = Path(out_dir)
     stage2_dir = out_dir / "stage2"
+    stage2_config = dataclasses.replace(config, steps=stage2_steps)
     model4 = None
     if config.resume and latest_checkpoint(stage2_dir / "checkpoints") is not None:
         # Stage 2 already started: its checkpoint holds all weights.
@@ -362,10 +392,19 @@ def train_two_stage(dataset, out_dir, input_shape, *, stage1_steps: int, stage2_
         model4 = build_model(blob["config"])
     else:
         model3 = standard_network(input_shape, steps=3, **model_kwargs)
+        if config.memory_budget is not None and config.memory_choice is None and not env.distributed:
+            say = print if config.progress else (lambda message: None)
+            choice = choose_configuration(grow(model3), config.memory_budget, config, log=say)
+            say(f"stage 2 (4 steps): {choice.describe(config)}")
+            stage2_config = choice.apply(stage2_config)
+            if choice.candidate == choice.probes[0].candidate:  # the fastest fits 4 steps, so it fits 3
+                config = choice.apply(config)
+                say("stage 1 (3 steps): the same (the fastest configuration)")
         trainer1 = Trainer(model3, dataset, out_dir / "stage1", dataclasses.replace(config, steps=stage1_steps),
                            dist=env)
         trainer1.fit()
         model4 = grow(trainer1.model)
-    trainer2 = Trainer(model4, dataset, stage2_dir, dataclasses.replace(config, steps=stage2_steps), dist=env)
+        del trainer1  # its optimiser state is not needed in stage 2
+    trainer2 = Trainer(model4, dataset, stage2_dir, stage2_config, dist=env)
     trainer2.fit()
     return trainer2.model
