@@ -11,6 +11,9 @@ DEPS := numpy pytest pytest-benchmark ninja pybind11 "setuptools>=64" wheel trit
 # The official GradICON package, the tests' oracle: its core (losses, network wrappers, networks) needs only the
 # DEPS above; its other requirements (torchvision, itk, girder_client, footsteps) are left out.
 ORACLE := icon_registration==1.1.9
+# The demo's anatomy: the MNI ICBM152 template files bundled in the nilearn wheel, read by path (nilearn itself,
+# and so its dependencies — scikit-learn, pandas, ... — are never imported).
+DEMO_DATA := nilearn==0.14.1
 # Test-only: MONAI, whose Warp and DVF2DDF the converters are tested against; those parts need only numpy and
 # torch, so its other requirements are left out too (the tests skip them where it is missing).
 TEST_DEPS := monai==1.6.1
@@ -32,7 +35,11 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(PIP) install --no-build-isolation --no-deps -e .
 	touch $@
 
-setup: $(VENV)/.built
+$(VENV)/.demo-data: | $(PY)
+	$(PIP) install --no-deps "$(DEMO_DATA)"
+	touch $@
+
+setup: $(VENV)/.built $(VENV)/.demo-data
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
