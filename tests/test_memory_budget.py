@@ -117,6 +117,15 @@ def test_nothing_fits_names_the_budget_and_the_smallest_need(measured):
     assert "smallest measured need is" in message and "autocast + activation checkpointing" in message
 
 
+def test_a_probe_past_its_limit_is_stopped(measured):
+    model, config, fast, lean, first, leanest = measured
+    budget = leanest.need_bytes // 3  # the probe's limit, twice the budget, lies below its need
+    result = probe(model, lean, config, budget)
+    assert not result.fits and result.need_bytes is None and result.error == "stopped at the limit"
+    assert budget < result.more_than_bytes < leanest.need_bytes
+    assert result.need().startswith("more than ")
+
+
 def test_budget_below_the_weights_fails_without_probing(monkeypatch):
     import gradicon_fast.train.memory_budget as memory_budget
 

@@ -75,6 +75,8 @@ def run(spec: dict) -> dict:
     device = torch.device(spec["device"])
     on_gpu = device.type == "cuda"
     if on_gpu:
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["allowance_bytes"] / total), device)
