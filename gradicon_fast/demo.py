@@ -34,7 +34,8 @@ DEFAULT_SIZE = {"anatomy": 96, "synthetic": 128}
 
 def _describe_grid(geometry) -> str:
     spacing = geometry.spacing
-    size = f"{spacing[0]:.2f} mm" if max(spacing) - min(spacing) < 1e-6 else "×".join(f"{s:.2f}" for s in spacing) + " mm"
+    isotropic = max(spacing) - min(spacing) < 1e-6
+    size = f"{spacing[0]:.2f} mm" if isotropic else "×".join(f"{s:.2f}" for s in spacing) + " mm"
     return f"{'×'.join(map(str, geometry.shape))} voxels of {size}"
 
 

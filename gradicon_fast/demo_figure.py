@@ -146,7 +146,8 @@ def save_figure(path: str, pair: SyntheticPair, warped: torch.Tensor, phi: torch
     outlined = pair.outline_labels or range(1, pair.num_labels + 1)
     outline = ", ".join(pair.names()[label - 1] for label in outlined) if len(outlined) <= 2 else "labels"
     columns = [f"fixed\n(cyan: its {outline})", f"moving\n(cyan: the fixed {outline})",
-               f"warped moving\n(cyan: the fixed {outline})", "moving − fixed\n(before)", f"warped − fixed\n{after}",
+               f"warped moving\n(cyan: the fixed {outline})", "moving − fixed\n(before)",
+               f"warped − fixed\n{after}",
                f"recovered deformation\n(grid every {step} voxels, on moving)", "Jacobian determinant\nof φ"]
     fig, axes = plt.subplots(len(planes), len(columns), figsize=(2.55 * len(columns), 2.75 * len(planes) + 1.3),
                              squeeze=False, layout="constrained")

@@ -63,7 +63,8 @@ def test_brain_demo_writes_figure_metrics_and_attribution(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     check_improves(metrics, mni_pair.TISSUES)
     assert metrics["data"] == mni_pair.ATTRIBUTION
-    assert "Louis Collins" in (out / "NOTICE.txt").read_text() and "Permission to use" in (out / "NOTICE.txt").read_text()
+    notice = (out / "NOTICE.txt").read_text()
+    assert "Louis Collins" in notice and "Permission to use" in notice
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "white matter" in proc.stdout and "error against the true deformation" in proc.stdout
     # the images are written on the template's physical grid (MNI millimetres, LPS)
@@ -110,7 +111,12 @@ def test_bump_field_inverse(seed):
 def test_missing_template_gives_one_line_error_and_no_output(tmp_path, monkeypatch, capsys):
     from gradicon_fast import cli
 
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    real_find_spec = importlib.util.find_spec
+
+    def without_nilearn(found):
+        return lambda name, *a: found if name == "nilearn" else real_find_spec(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_nilearn(None))
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out)]) == cli.EXIT_INPUT
     err = capsys.readouterr().err.strip()
@@ -119,7 +125,7 @@ def test_missing_template_gives_one_line_error_and_no_output(tmp_path, monkeypat
 
     # an installed nilearn without the files: the message names them
     empty = types.SimpleNamespace(submodule_search_locations=[str(tmp_path / "nilearn")])
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: empty)
+    monkeypatch.setattr(importlib.util, "find_spec", without_nilearn(empty))
     assert cli.main(["demo", "--out", str(out)]) == cli.EXIT_INPUT
     err = capsys.readouterr().err
     assert mni_pair.TEMPLATE_FILES["t1"] in err and not out.exists()

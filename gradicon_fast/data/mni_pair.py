@@ -74,7 +74,7 @@ def template_folder() -> Path:
 def load_template() -> dict[str, Image]:
     """The T1 (scaled to [0, 1]) and the grey/white-matter probabilities ([0, 1]), on the template's grid."""
     folder = template_folder()
-    images = {key: read_image(folder / name, what=f"template file") for key, name in TEMPLATE_FILES.items()}
+    images = {key: read_image(folder / name, what="template file") for key, name in TEMPLATE_FILES.items()}
     for image in images.values():
         image.array /= max(float(image.array.max()), 1e-12)
     return images
@@ -164,7 +164,8 @@ def demo_geometry(template: Geometry, brain: np.ndarray, size: int) -> Geometry:
 
 def _bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inside = np.nonzero(mask)
-    return (np.array([i.min() for i in inside], dtype=np.float64), np.array([i.max() for i in inside], dtype=np.float64))
+    low = np.array([i.min() for i in inside], dtype=np.float64)
+    return low, np.array([i.max() for i in inside], dtype=np.float64)
 
 
 def make_mni_pair(size: int = 96, *, seed: int = 0, max_displacement_mm: float = 8.0, bump_width_mm: float = 25.0,
