@@ -167,3 +167,12 @@ def test_figure_slices_follow_the_anatomical_axes():
     assert planes["axial"].cut(volume)[:, -1].all()
     label = _slice_label(pair, planes["axial"])
     assert label.startswith("axial\nz = ") and label.endswith(" mm")
+
+
+@pytest.mark.parametrize("extra", [[], ["--synthetic"]])
+def test_too_small_size_is_refused_before_anything_is_written(tmp_path, capsys, extra):
+    from gradicon_fast import cli
+
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--size", "8", *extra]) == cli.EXIT_INPUT
+    assert "--size must be at least 16" in capsys.readouterr().err and not out.exists()
