@@ -21,6 +21,7 @@ from .networks import (
     TwoStep,
     configure,
     displacement_fields,
+    fast_defaults,
 )
 from .objective import REGULARIZERS, GradICON, LossTerms
 from .similarity import Similarity, gaussian_blur, gaussian_taps, lncc, lncc_loss, mse_loss, squared_lncc_loss
@@ -30,7 +31,7 @@ __all__ = [
     "DECODER_CHANNELS", "ENCODER_CHANNELS", "REGULARIZERS",
     "Downsample", "DisplacementField", "GradICON", "LossTerms", "RegistrationModule", "RegistrationResult",
     "Similarity", "TallUNet", "TwoStep",
-    "build_model", "configure", "displacement_fields", "gaussian_blur", "gaussian_taps", "grow", "lncc",
+    "build_model", "configure", "displacement_fields", "fast_defaults", "gaussian_blur", "gaussian_taps", "grow", "lncc",
     "lncc_loss", "load_model", "mse_loss", "save_model", "squared_lncc_loss", "standard_network", "unet_step",
 ]
 
@@ -89,7 +90,7 @@ def grow(model: GradICON) -> GradICON:
     first = displacement_fields(model.regis_net)[0]
     param = next(first.parameters())
     step = unet_step(model.dimension, image_channels=cfg["image_channels"], width=cfg["width"]).to(param.device)
-    step.amp_dtype, step.checkpoint = first.amp_dtype, first.checkpoint
+    configure(step, amp_dtype=first.amp_dtype, checkpoint=first.checkpoint, channels_last=first.channels_last)
     grown = GradICON(TwoStep(model.regis_net, step), model.input_shape, lmbda=model.lmbda,
                      similarity=model.similarity.name, sigma=model.similarity.sigma, regularizer=model.regularizer,
                      stride=model.stride, symmetric=model.symmetric, backend=model.backend)

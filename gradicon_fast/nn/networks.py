@@ -13,7 +13,6 @@ Every module here has ``chain(moving, fixed) -> list[Tensor]`` (one direction) a
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .unet_execution import CHECKPOINT_MODES, autocast_dtype, checkpoint_contexts, memory_format
 
 from .. import functional as gf
 
@@ -111,42 +112,39 @@ class RegistrationModule(nn.Module):
                                   tuple(image_B.shape[2:]))
 
 
-def _preserve_batchnorm_stats(module: nn.Module):
-    """``context_fn`` for checkpointing: the recomputation in backward leaves BatchNorm running stats alone."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-    @contextlib.contextmanager
-    def recompute():
-        saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for m, mean, var, count in saved:
-                    m.running_mean.copy_(mean)
-                    m.running_var.copy_(var)
-                    m.num_batches_tracked.copy_(count)
-
-    return contextlib.nullcontext(), recompute()
-
-
 class DisplacementField(RegistrationModule):
     """One step: a U-Net fed ``cat[moving, fixed]`` whose output is a displacement field; a one-field chain.
 
-    ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the U-Net under autocast; the field is always
-    returned in float32 (the fused ops keep float32 maps). ``checkpoint=True`` recomputes the
-    U-Net's activations in backward (``torch.utils.checkpoint``) instead of storing them.
+    How the U-Net runs (set with :func:`configure`; the defaults are plain float32):
+
+    - ``amp_dtype``: autocast dtype of the U-Net (``torch.bfloat16``, ``torch.float16``), ``None``
+      for float32, or ``"auto"``: bfloat16 where the device computes it natively (a CPU with
+      AVX512-BF16 or AMX, a CUDA GPU with bf16 support), float32 elsewhere. The field is always
+      returned in float32 (the fused ops keep float32 maps).
+    - ``checkpoint``: ``False`` keeps every activation for backward; ``True`` (or ``"full"``)
+      keeps none and reruns the whole U-Net in backward; ``"selective"`` keeps only the
+      convolution outputs and recomputes the cheap rest (activations, pooling, upsampling,
+      BatchNorm, concatenations) in backward: most of the memory saving at a fraction of the cost.
+    - ``channels_last``: the U-Net runs in the channels-last layout (``torch.channels_last_3d``
+      in 3D), for which oneDNN has faster convolutions on CPUs.
+
+    Recomputation and layout change no value beyond rounding; autocast rounds the U-Net's
+    arithmetic to its dtype (docs/performance.md gives the measured effect on registrations).
     """
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
-        self.amp_dtype: torch.dtype | None = None
-        self.checkpoint = False
+        self.amp_dtype: torch.dtype | str | None = None
+        self.checkpoint: bool | str = False
+        self.channels_last = False
 
     def _run(self, x: Tensor) -> Tensor:
-        if self.amp_dtype is not None:
-            with torch.autocast(device_type=x.device.type, dtype=self.amp_dtype):
+        if self.channels_last:
+            x = x.contiguous(memory_format=memory_format(x.ndim))
+        dtype = autocast_dtype(self.amp_dtype, x.device)
+        if dtype is not None:
+            with torch.autocast(device_type=x.device.type, dtype=dtype):
                 return self.net(x)
         return self.net(x)
 
@@ -158,10 +156,10 @@ class DisplacementField(RegistrationModule):
             field = _checkpoint(self._run, x, use_reentrant=False)
         elif self.checkpoint and torch.is_grad_enabled():
             field = _checkpoint(self._run, x, use_reentrant=False,
-                                context_fn=lambda: _preserve_batchnorm_stats(self.net))
+                                context_fn=lambda: checkpoint_contexts(self.net, self.checkpoint))
         else:
             field = self._run(x)
-        return [field.float()]
+        return [field.float().contiguous()]
 
 
 class TwoStep(RegistrationModule):
@@ -201,11 +199,32 @@ def displacement_fields(module: nn.Module) -> list:
 
 
 def configure(module: nn.Module, *, amp_dtype: torch.dtype | None | str = "keep",
-              checkpoint: bool | None = None) -> nn.Module:
-    """Set autocast dtype (``None`` for full precision) and/or activation checkpointing of every U-Net step."""
+              checkpoint: bool | str | None = None, channels_last: bool | None = None) -> nn.Module:
+    """Set how every U-Net step of ``module`` runs (see :class:`DisplacementField`); ``"keep"`` /
+    ``None`` leave a setting as it is.
+
+    ``amp_dtype``: an autocast dtype, ``None`` (float32) or ``"auto"``; ``checkpoint``: ``False``,
+    ``True``/``"full"`` or ``"selective"``; ``channels_last``: a bool.
+    """
+    if not (amp_dtype in ("keep", "auto", None) or isinstance(amp_dtype, torch.dtype)):
+        raise ValueError(f"amp_dtype must be a torch dtype, None, 'auto' or 'keep', got {amp_dtype!r}")
+    if checkpoint is not None and checkpoint not in CHECKPOINT_MODES:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
     for step in displacement_fields(module):
         if amp_dtype != "keep":
             step.amp_dtype = amp_dtype
         if checkpoint is not None:
-            step.checkpoint = bool(checkpoint)
+            step.checkpoint = "full" if checkpoint is True else checkpoint
+        if channels_last is not None:
+            step.channels_last = bool(channels_last)
+            # the weights in the layout of the activations, so that no convolution converts them
+            step.net.to(memory_format=memory_format(step.net.dimension + 2) if channels_last
+                        else torch.contiguous_format)
     return module
+
+
+def fast_defaults(module: nn.Module) -> nn.Module:
+    """The settings the command line and :func:`gradicon_fast.train.instance_optimize` callers get by
+    default: ``amp_dtype="auto"``, ``checkpoint="selective"``, ``channels_last=True``
+    (docs/performance.md: speed, memory and measured accuracy)."""
+    return configure(module, amp_dtype="auto", checkpoint="selective", channels_last=True)

@@ -142,9 +142,11 @@ class GradICON(nn.Module):
                     folds = result.fold_percentage("AB").to(total.dtype)
         return LossTerms(total, similarity, regularization, folds)
 
-    def configure(self, *, amp_dtype="keep", checkpoint: bool | None = None) -> "GradICON":
-        """bf16/fp16 autocast of the U-Nets (``amp_dtype``) and activation checkpointing; returns self."""
-        configure(self.regis_net, amp_dtype=amp_dtype, checkpoint=checkpoint)
+    def configure(self, *, amp_dtype="keep", checkpoint: bool | str | None = None,
+                  channels_last: bool | None = None) -> "GradICON":
+        """Autocast dtype, activation checkpointing and layout of the U-Nets
+        (:func:`gradicon_fast.nn.configure`); returns self."""
+        configure(self.regis_net, amp_dtype=amp_dtype, checkpoint=checkpoint, channels_last=channels_last)
         return self
 
     def extra_repr(self) -> str:

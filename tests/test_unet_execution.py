@@ -1,0 +1,125 @@
+"""How the U-Net steps run (gradicon_fast.nn.configure): checkpointing modes, channels-last, "auto" autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gradicon_fast.nn as gnn
+from gradicon_fast.nn import unet_execution
+from gradicon_fast.nn.unet import TallUNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPE = (24, 20, 28)
+
+
+def _model(**settings) -> gnn.GradICON:
+    torch.manual_seed(0)
+    model = gnn.standard_network(SHAPE, width=0.25)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lastConv" in name:  # non-zero fields, so that every step moves points
+                p.normal_(0, 1e-2)
+    return model.configure(**settings).train()
+
+
+def _step(model: gnn.GradICON):
+    gen = torch.Generator().manual_seed(1)
+    A, B = torch.rand((2, 1, 1, *SHAPE), generator=gen)
+    terms = model(A, B, generator=torch.Generator().manual_seed(3))
+    terms.total.backward()
+    stats = [t.clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)
+             for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    return terms.total.detach(), [p.grad.clone() for p in model.parameters()], stats
+
+
+@pytest.mark.parametrize("mode", [True, "full", "selective"])
+def test_checkpointing_equals_the_plain_step(mode):
+    """Recomputation changes nothing: loss, every gradient and the BatchNorm statistics are bit-identical."""
+    plain = _step(_model())
+    checkpointed = _step(_model(checkpoint=mode))
+    assert torch.equal(plain[0], checkpointed[0])
+    for reference, other in zip(plain[1] + plain[2], checkpointed[1] + checkpointed[2]):
+        assert torch.equal(reference, other)
+
+
+class _OpsSeen(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode, convolutions_rerun", [("full", True), ("selective", False)])
+def test_selective_checkpointing_keeps_convolutions_and_recomputes_the_rest(mode, convolutions_rerun):
+    net = gnn.unet_step(3, width=0.25)
+    gnn.configure(net, checkpoint=mode)
+    x = torch.rand((1, 1, 16, 16, 16), requires_grad=True)
+    field = net.chain(x, x.detach() * 0.5)[0]
+    seen = _OpsSeen()
+    with seen:
+        field.square().sum().backward()
+    assert "leaky_relu" in seen.ops and "native_batch_norm" in seen.ops  # the cheap ops are recomputed
+    assert ("convolution" in seen.ops) == convolutions_rerun
+
+
+def test_channels_last_agrees_with_contiguous():
+    def run(channels_last):
+        torch.manual_seed(0)
+        net = TallUNet(3, 2, 3, encoder_channels=(4, 8, 16, 32, 64), decoder_channels=(32, 16, 8, 4, 4)).train()
+        torch.nn.init.normal_(net.lastConv.weight, 0, 0.1)
+        step = gnn.DisplacementField(net)
+        gnn.configure(step, channels_last=channels_last)
+        x = torch.rand((1, 1, *SHAPE), generator=torch.Generator().manual_seed(2))
+        field = step.chain(x, x.flip(2))[0]
+        weights = torch.arange(field.numel(), dtype=torch.float32).reshape(field.shape).sin()
+        (field * weights).sum().backward()
+        return field, {n: p.grad for n, p in net.named_parameters()}, net
+
+    field, grads, _ = run(False)
+    field_cl, grads_cl, net_cl = run(True)
+    assert field_cl.is_contiguous()  # the fused ops get the usual layout
+    assert net_cl.downConvs[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(field_cl.detach(), field.detach(), rtol=1e-5, atol=1e-6 * float(field.detach().abs().max()))
+    for name, grad in grads.items():
+        if name.startswith(("downConvs", "upConvs")) and name.endswith("bias"):
+            continue  # biases before a BatchNorm: zero up to rounding
+        torch.testing.assert_close(grads_cl[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(unet_execution, "_cpu_has_native_bfloat16", lambda: True)
+    assert unet_execution.autocast_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(unet_execution, "_cpu_has_native_bfloat16", lambda: False)
+    assert unet_execution.autocast_dtype("auto", cpu) is None
+    # without native bf16 "auto" is the float32 step, bit for bit
+    plain = _step(_model())
+    auto = _step(_model(amp_dtype="auto"))
+    assert torch.equal(plain[0], auto[0])
+    assert unet_execution.autocast_dtype(torch.float16, cpu) == torch.float16
+    assert unet_execution.autocast_dtype(None, cpu) is None
+
+
+def test_fast_defaults_and_grow_carry_the_settings():
+    model = gnn.fast_defaults(gnn.standard_network((16, 16, 16), steps=3, width=0.25))
+    grown = gnn.grow(model)
+    for step in gnn.displacement_fields(grown):
+        assert (step.amp_dtype, step.checkpoint, step.channels_last) == ("auto", "selective", True)
+        assert step.net.lastConv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    gnn.configure(grown, channels_last=False, checkpoint=False, amp_dtype=None)
+    for step in gnn.displacement_fields(grown):
+        assert (step.amp_dtype, step.checkpoint, step.channels_last) == (None, False, False)
+        assert step.net.lastConv.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("settings, message", [(dict(checkpoint="some"), "checkpoint must be one of"),
+                                               (dict(amp_dtype="bf16"), "amp_dtype must be")])
+def test_configure_rejects_unknown_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        gnn.standard_network((16, 16), width=0.25).configure(**settings)
