@@ -31,8 +31,8 @@ __all__ = [
     "DECODER_CHANNELS", "ENCODER_CHANNELS", "REGULARIZERS",
     "Downsample", "DisplacementField", "GradICON", "LossTerms", "RegistrationModule", "RegistrationResult",
     "Similarity", "TallUNet", "TwoStep",
-    "build_model", "configure", "displacement_fields", "fast_defaults", "gaussian_blur", "gaussian_taps", "grow", "lncc",
-    "lncc_loss", "load_model", "mse_loss", "save_model", "squared_lncc_loss", "standard_network", "unet_step",
+    "build_model", "configure", "displacement_fields", "fast_defaults", "gaussian_blur", "gaussian_taps", "grow",
+    "lncc", "lncc_loss", "load_model", "mse_loss", "save_model", "squared_lncc_loss", "standard_network", "unet_step",
 ]
 
 
