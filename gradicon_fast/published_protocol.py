@@ -197,10 +197,13 @@ def register_with_network(model, fixed, moving, fixed_array: np.ndarray, moving_
         model.similarity = Similarity(IO_SIMILARITIES[io_similarity], sigma=getattr(own_similarity, "sigma", 5))
     try:
         if io_iterations > 0:
+            from .nn.networks import fast_defaults_while_plain
             from .train import instance_optimize
 
-            result = instance_optimize(model, image_A, image_B, steps=io_iterations, lr=io_lr, mask_A=mask_A,
-                                       mask_B=mask_B)
+            # bf16 where native, selective recomputation, channels-last (docs/performance.md)
+            with fast_defaults_while_plain(model):
+                result = instance_optimize(model, image_A, image_B, steps=io_iterations, lr=io_lr, mask_A=mask_A,
+                                           mask_B=mask_B)
         else:
             training = model.training
             model.eval()

@@ -123,3 +123,19 @@ def test_fast_defaults_and_grow_carry_the_settings():
 def test_configure_rejects_unknown_settings(settings, message):
     with pytest.raises(ValueError, match=message):
         gnn.standard_network((16, 16), width=0.25).configure(**settings)
+
+
+def test_fast_defaults_while_plain_applies_to_plain_models_only_and_restores():
+    from gradicon_fast.nn.networks import fast_defaults_while_plain
+
+    model = gnn.standard_network((16, 16, 16), width=0.25)
+    with fast_defaults_while_plain(model):
+        settings = {(s.amp_dtype, s.checkpoint, s.channels_last) for s in gnn.displacement_fields(model)}
+        assert settings == {("auto", "selective", True)}
+    for step in gnn.displacement_fields(model):
+        assert (step.amp_dtype, step.checkpoint, step.channels_last) == (None, False, False)
+        assert step.net.lastConv.weight.is_contiguous()
+    model.configure(checkpoint=True)  # the caller's own choice stays
+    with fast_defaults_while_plain(model):
+        assert {(s.amp_dtype, s.checkpoint, s.channels_last) for s in gnn.displacement_fields(model)} == \
+            {(None, "full", False)}

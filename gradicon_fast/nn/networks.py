@@ -13,6 +13,7 @@ Every module here has ``chain(moving, fixed) -> list[Tensor]`` (one direction) a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -228,3 +229,20 @@ def fast_defaults(module: nn.Module) -> nn.Module:
     default: ``amp_dtype="auto"``, ``checkpoint="selective"``, ``channels_last=True``
     (docs/performance.md: speed, memory and measured accuracy)."""
     return configure(module, amp_dtype="auto", checkpoint="selective", channels_last=True)
+
+
+@contextlib.contextmanager
+def fast_defaults_while_plain(module: nn.Module):
+    """Within the block, :func:`fast_defaults` for a ``module`` whose U-Nets are at the plain settings
+    (float32, no checkpointing, usual layout); a module configured otherwise is left as it is.
+    The plain settings are restored afterwards."""
+    steps = displacement_fields(module)
+    plain = all(s.amp_dtype is None and not s.checkpoint and not s.channels_last for s in steps)
+    if not plain:
+        yield module
+        return
+    fast_defaults(module)
+    try:
+        yield module
+    finally:
+        configure(module, amp_dtype=None, checkpoint=False, channels_last=False)
