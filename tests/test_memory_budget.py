@@ -54,13 +54,19 @@ def test_candidates_keep_the_effective_batch_and_the_options_set():
     assert [(c.micro_batch, c.accumulate) for c in found[:3]] == [(4, 1), (2, 2), (1, 4)]
     assert found[0].setting.options == {"amp": False, "checkpoint_activations": False}  # fastest first
     assert found[-1].setting.options == {"amp": True, "checkpoint_activations": True}   # leanest last
-    assert len(found) == 12
+    assert [c.setting.options["checkpoint_activations"] for c in found[::3]] == [False, "selective", True] * 2
+    assert len(found) == 18
     assert {(c.micro_batch, c.accumulate) for c in candidates(TrainConfig(batch_size=2, accumulate=3))} \
         == {(2, 3), (1, 6)}
-    # an option turned on stays on
-    assert {c.setting.options["amp"] for c in candidates(TrainConfig(amp=True))} == {True}
-    assert {c.setting.options["checkpoint_activations"] for c in
-            candidates(TrainConfig(checkpoint_activations=True))} == {True}
+    # an option set away from its default stays as set
+    defaults = TrainConfig()
+    for amp in (False, True):
+        if amp != defaults.amp:
+            assert {c.setting.options["amp"] for c in candidates(TrainConfig(amp=amp))} == {amp}
+    for mode in (False, "selective", True):
+        if mode != defaults.checkpoint_activations:
+            assert {c.setting.options["checkpoint_activations"] for c in
+                    candidates(TrainConfig(checkpoint_activations=mode))} == {mode}
 
 
 # ---- measured choices -----------------------------------------------------------------------

@@ -3,13 +3,14 @@
     choice = choose_configuration(model, "20GB", TrainConfig(batch_size=4))
     Trainer(model, dataset, out_dir, choice.apply(config)).fit()      # or TrainConfig(memory_budget="20GB")
 
-The candidates are the network settings of :data:`SETTINGS` (precision, activation
-checkpointing), each with every micro-batch that divides the effective batch (largest first; the
-rest is made up by gradient accumulation, so the optimiser sees the batch asked for). They are
-tried in order (float32 before autocast, the faster first within each); each runs one real training step in a fresh process
-(:mod:`gradicon_fast.train.memory_probe`), and the first whose measured need fits the budget is
-chosen. Options set away from their defaults in the given :class:`TrainConfig` (e.g. ``amp=True``)
-are kept: only candidates with the same value are tried.
+The candidates are the network settings of :data:`SETTINGS` (precision; activation
+checkpointing: none, selective or full), each with every micro-batch that divides the effective
+batch (largest first; the rest is made up by gradient accumulation, so the optimiser sees the batch
+asked for). They are tried in order (float32 before autocast, the faster first within each); each
+runs one real training step in a fresh process (:mod:`gradicon_fast.train.memory_probe`), and the
+first whose measured need fits the budget is chosen. Options set away from their defaults in the
+given :class:`TrainConfig` (e.g. ``amp=True``) are kept: only candidates with the same value are
+tried.
 
 What is measured: on the CPU the probe process's peak resident memory (interpreter, libraries,
 weights, Adam's state and one step); on a GPU the CUDA caching allocator's peak reserved memory
@@ -80,13 +81,16 @@ class Setting:
     options: dict
 
 
-# Fastest first. Exact float32 comes before autocast, so that precision is lowered only where
-# float32 does not fit even with checkpointing; checkpointing recomputes each U-Net's forward in
-# backward (175³ on a 2-core CPU: 65 s a step without, 110 s with; 6.8 against 3.0 GB).
+# Exact float32 before autocast, so that precision is lowered only where float32 does not fit even
+# with full checkpointing; within each, the faster first: no recomputation, then "selective"
+# (convolution outputs kept, the cheap ops recomputed), then full (each U-Net's forward rerun in
+# backward; 175³ on a 2-core CPU: 65 s a step without, 110 s with; 6.8 against 3.0 GB).
 SETTINGS: tuple[Setting, ...] = (
     Setting("float32", {"amp": False, "checkpoint_activations": False}),
+    Setting("float32 + selective checkpointing", {"amp": False, "checkpoint_activations": "selective"}),
     Setting("float32 + activation checkpointing", {"amp": False, "checkpoint_activations": True}),
     Setting("{amp_dtype} autocast", {"amp": True, "checkpoint_activations": False}),
+    Setting("{amp_dtype} autocast + selective checkpointing", {"amp": True, "checkpoint_activations": "selective"}),
     Setting("{amp_dtype} autocast + activation checkpointing", {"amp": True, "checkpoint_activations": True}),
 )
 
@@ -159,7 +163,8 @@ class MemoryChoice:
     def to_dict(self, config) -> dict:
         return {"budget_bytes": self.budget_bytes, "chosen": self.candidate.describe(config),
                 "batch_size": self.candidate.micro_batch, "accumulate": self.candidate.accumulate,
-                "options": dict(self.candidate.setting.options), "need_bytes": self.probe.need_bytes, "method": self.method,
+                "options": dict(self.candidate.setting.options), "need_bytes": self.probe.need_bytes,
+                "method": self.method,
                 "probes": [p.to_dict(config) for p in self.probes]}
 
 
@@ -279,7 +284,8 @@ def _nothing_fits(budget, budget_bytes: int, probes: list, config) -> str:
         smallest = min(measured, key=lambda p: p.need_bytes)
     else:
         smallest = probes[-1]
-    return (f"memory budget {_named(budget, budget_bytes)} is too small: the smallest measured need is {smallest.need()} "
+    return (f"memory budget {_named(budget, budget_bytes)} is too small: the smallest measured need is "
+            f"{smallest.need()} "
             f"({smallest.candidate.describe(config)}); none of the {len(probes)} configurations tried fits")
 
 
