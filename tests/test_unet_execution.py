@@ -139,3 +139,15 @@ def test_fast_defaults_while_plain_applies_to_plain_models_only_and_restores():
     with fast_defaults_while_plain(model):
         assert {(s.amp_dtype, s.checkpoint, s.channels_last) for s in gnn.displacement_fields(model)} == \
             {(None, "full", False)}
+
+
+def test_the_trainer_passes_the_execution_settings(tmp_path):
+    from gradicon_fast.data import SyntheticPairDataset
+    from gradicon_fast.train import TrainConfig, Trainer
+
+    model = gnn.standard_network((16, 16), width=0.25)
+    config = TrainConfig(steps=0, amp="auto", checkpoint_activations="selective", channels_last=True, progress=False,
+                         tensorboard=False, device="cpu")
+    Trainer(model, SyntheticPairDataset(2, (16, 16)), tmp_path, config)
+    for step in gnn.displacement_fields(model):
+        assert (step.amp_dtype, step.checkpoint, step.channels_last) == ("auto", "selective", True)

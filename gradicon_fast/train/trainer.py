@@ -69,9 +69,15 @@ class TrainConfig:
     lr: float = 5e-5
     augment: bool = True
     affine_scale: float = 0.05
-    amp: bool = False                     # bf16 autocast of the U-Nets
+    # U-Net execution (gradicon_fast.nn.configure; docs/performance.md). amp: True (autocast to
+    # amp_dtype), False (float32) or "auto" (bfloat16 where the device computes it natively);
+    # checkpoint_activations: False, True (whole U-Nets recomputed) or "selective" (convolution
+    # outputs kept, the cheap rest recomputed); channels_last: the channels-last layout.
+    # float32 by default: resuming a bfloat16 run is not bit-exact on the CPU.
+    amp: bool | str = False
     amp_dtype: str = "bfloat16"
-    checkpoint_activations: bool = False  # torch.utils.checkpoint around each U-Net
+    checkpoint_activations: bool | str = False
+    channels_last: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 3             # newest kept; <= 0 keeps all
     resume: bool = True                   # continue from the newest checkpoint in out_dir
@@ -146,8 +152,12 @@ class Trainer:
         blob = load_checkpoint_file(resume_from, map_location=self.device) if resume_from is not None else None
         if config.memory_budget is not None and config.memory_choice is None:
             self.config = config = self._fit_budget(model, config, blob)
-        amp_dtype = getattr(torch, config.amp_dtype) if config.amp else None
-        model.configure(amp_dtype=amp_dtype, checkpoint=config.checkpoint_activations)
+        if config.amp == "auto":
+            amp_dtype = "auto"
+        else:
+            amp_dtype = getattr(torch, config.amp_dtype) if config.amp else None
+        model.configure(amp_dtype=amp_dtype, checkpoint=config.checkpoint_activations,
+                        channels_last=config.channels_last)
         if self._use_sync_batchnorm():
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
