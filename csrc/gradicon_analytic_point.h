@@ -43,6 +43,22 @@ GF_HD double squared_deviation(const T (&m)[D][D]) {
   return s;
 }
 
+// out = c + op(a) op(b), op(m) = mᵀ where the flag is set, summed left to right from c: out[i][k] =
+// c[i][k] + Σ_l a(i, l) b(l, k). out must not alias the inputs.
+template <bool kTransA, bool kTransB, typename T, int D>
+GF_HD void plus_product(const T (&c)[D][D], const T (&a)[D][D], const T (&b)[D][D], T (&out)[D][D]) {
+#pragma unroll
+  for (int i = 0; i < D; ++i) {
+#pragma unroll
+    for (int k = 0; k < D; ++k) {
+      T s = c[i][k];
+#pragma unroll
+      for (int l = 0; l < D; ++l) s += (kTransA ? a[l][i] : a[i][l]) * (kTransB ? b[k][l] : b[l][k]);
+      out[i][k] = s;
+    }
+  }
+}
+
 // Forward pass at one point x of batch entry b: y ← φ(x) and dev ← J(x) - I, computed in T.
 // `Chain` is a ChainRef (chain.h); its fields may be stored in another type than T (e.g. half
 // values computed in float). When the stash pointers are set, stash_pos[j] receives y_j (where field j is sampled) and stash_dev[j] the
@@ -180,18 +196,8 @@ GF_HD void jacobian_backward(const Chain& chain, int64_t b, const T (*stash_pos)
       for (int ch = 0; ch < D; ++ch) v[corner][ch] = static_cast<T>(data[ch * f.channel_stride + cd.offset[corner]]);
     }
     // Ḡ = M̄ + M̄ M_{j+1}ᵀ
-    const T(&prev)[D][D] = stash_dev[j];
     T g_adj[D][D];
-#pragma unroll
-    for (int i = 0; i < D; ++i) {
-#pragma unroll
-      for (int k = 0; k < D; ++k) {
-        T s = dev_adj[i][k];
-#pragma unroll
-        for (int l = 0; l < D; ++l) s += dev_adj[i][l] * prev[k][l];
-        g_adj[i][k] = s;
-      }
-    }
+    plus_product<false, true>(dev_adj, dev_adj, stash_dev[j], g_adj);
     if (f.grad) {
       T* grad = f.grad + b * f.batch_stride;
 #pragma unroll
@@ -240,16 +246,7 @@ GF_HD void jacobian_backward(const Chain& chain, int64_t b, const T (*stash_pos)
     }
     // M̄_{j+1} = M̄_j + Gᵀ M̄_j
     T dnext[D][D];
-#pragma unroll
-    for (int i = 0; i < D; ++i) {
-#pragma unroll
-      for (int k = 0; k < D; ++k) {
-        T s = dev_adj[i][k];
-#pragma unroll
-        for (int l = 0; l < D; ++l) s += g[l][i] * dev_adj[l][k];
-        dnext[i][k] = s;
-      }
-    }
+    plus_product<true, false>(dev_adj, g, dev_adj, dnext);
 #pragma unroll
     for (int i = 0; i < D; ++i) {
       y_adj[i] = next[i];

@@ -18,6 +18,17 @@ GF_HD void shifted_points(const T (&x)[D], T delta, T (&start)[D + 1][D]) {
   for (int k = 0; k < D; ++k) start[k + 1][k] = x[k] + delta;
 }
 
+// The E points of x as start (kept) and end (to be mapped through φ): equal on return.
+template <typename T, int D>
+GF_HD void start_and_end_points(const T (&x)[D], T delta, T (&start)[D + 1][D], T (&end)[D + 1][D]) {
+  shifted_points(x, delta, start);
+#pragma unroll
+  for (int e = 0; e <= D; ++e) {
+#pragma unroll
+    for (int k = 0; k < D; ++k) end[e][k] = start[e][k];
+  }
+}
+
 // g[k][c] for the E evaluated points (start → end); returns Σ g² in double.
 template <typename T, int D>
 GF_HD double fd_gradient_error(const T (&start)[D + 1][D], const T (&end)[D + 1][D], T delta, T (&g)[D][D]) {

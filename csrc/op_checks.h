@@ -1,6 +1,6 @@
-// Argument checks of the C++ ops (host only, shared by the CPU and CUDA implementations). The
-// Python API checks the same things with friendlier names first; these keep direct calls of
-// torch.ops.gradicon_fast.* memory-safe.
+// Argument checks of the C++ ops (host only, shared by the CPU and CUDA implementations; op_args.h
+// and penalty_args.h apply them). The Python API checks the same things with friendlier names
+// first; these keep direct calls of torch.ops.gradicon_fast.* memory-safe.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -76,6 +76,40 @@ inline std::vector<int64_t> check_penalty(int64_t d, at::IntArrayRef grid, int64
 
 inline void check_mask(const c10::List<bool>& mask, size_t n, const char* name) {
   TORCH_CHECK(mask.size() == n, name, " must have one entry per field (", n, "), got ", mask.size());
+}
+
+// A gradient mask (one entry per field of a chain of n), checked, as a vector.
+inline std::vector<bool> checked_mask(const c10::List<bool>& mask, size_t n, const char* name) {
+  check_mask(mask, n, name);
+  std::vector<bool> out;
+  for (bool m : mask) out.push_back(m);
+  return out;
+}
+
+// The dispatcher sends an op to a backend's kernels when one of its tensors is on that backend's
+// device; check_like has checked that every tensor is on ref's device, so it remains to check
+// that this is the backend's device type.
+inline void check_device_type(const at::Tensor& ref, const char* name, c10::DeviceType backend) {
+  TORCH_CHECK(ref.device().type() == backend, name, " must be a ", c10::DeviceTypeName(backend), " tensor for the ",
+              c10::DeviceTypeName(backend), " kernels, got one on ", ref.device());
+}
+
+// A batch size of 0 would broadcast as if it were 1 (merge_batch) and index an empty tensor:
+// rejected.
+inline void check_batch_sizes(at::TensorList tensors, const char* name) {
+  for (const auto& t : tensors) TORCH_CHECK(t.dim() >= 1 && t.size(0) >= 1, name, " has a tensor with batch size 0");
+}
+
+// The output of normal_noise_: (1, d, *P), contiguous, on the backend's device.
+inline void check_noise_output(const at::Tensor& out, c10::DeviceType backend) {
+  TORCH_CHECK(out.dim() >= 3 && out.size(0) == 1 && out.size(1) >= 1 && out.size(1) <= 4,
+              "out must be (1, d, *P) with 1 <= d <= 4, got ", out.sizes());
+  TORCH_CHECK(out.is_contiguous(), "out must be contiguous");
+  check_device_type(out, "out", backend);
+}
+
+inline void check_on(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but chain[0] is on ", ref.device());
 }
 
 }  // namespace gradicon_fast

@@ -1,5 +1,6 @@
-// CPU-side plumbing shared by the CPU kernels: tensor → FieldRef views, and the parallel loop
-// that lets threads add to gradients without atomics.
+// CPU-side plumbing shared by the CPU kernels: the parallel loop that lets threads add to
+// gradients without atomics, deterministic sums, and the gradient buffers. (Tensor → FieldRef
+// views and the argument checks are shared with the CUDA ops: ../field_refs.h, ../op_args.h.)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,38 +19,12 @@
 #endif
 
 #include "../chain.h"
+#include "../penalty_points.h"
 #ifdef __AVX__
 #include <immintrin.h>
 #endif
 
 namespace gradicon_fast::cpu {
-
-// A contiguous (B|1, C, *S) tensor and optionally its gradient buffer (same shape).
-template <typename T, int D>
-FieldRef<T, D> field_ref(const at::Tensor& t, const at::Tensor& grad, int64_t batch) {
-  FieldRef<T, D> f;
-  f.data = t.data_ptr<T>();
-  f.grad = grad.defined() ? grad.data_ptr<T>() : nullptr;
-  f.channels = static_cast<int>(t.size(1));
-  int64_t stride = 1;
-  for (int k = D - 1; k >= 0; --k) {
-    f.size[k] = static_cast<int>(t.size(2 + k));
-    f.stride[k] = stride;
-    stride *= t.size(2 + k);
-  }
-  f.channel_stride = stride;
-  f.batch_stride = (t.size(0) == 1 && batch > 1) ? 0 : stride * t.size(1);
-  return f;
-}
-
-// Fields outermost first; grads[i] undefined where no gradient is wanted.
-template <typename T, int D>
-ChainRef<T, D> chain_ref(const std::vector<at::Tensor>& fields, const std::vector<at::Tensor>& grads, int64_t batch) {
-  ChainRef<T, D> c;
-  c.count = static_cast<int>(fields.size());
-  for (size_t i = 0; i < fields.size(); ++i) c.field[i] = field_ref<T, D>(fields[i], grads[i], batch);
-  return c;
-}
 
 // Gradient rows along the first spatial axis, counted over the batch for tensors that have one:
 // the unit of ownership for for_each_point_owning_rows.
@@ -61,6 +36,28 @@ template <typename T, int D>
 int64_t gradient_rows(const FieldRef<T, D>& f, int64_t batch) {
   return f.batch_stride ? batch * f.size[0] : f.size[0];
 }
+
+// Every row of each target: the ranges of a point that runs alone.
+inline std::vector<RowRange> whole_rows(const std::vector<int64_t>& target_rows) {
+  std::vector<RowRange> all(target_rows.size());
+  for (size_t i = 0; i < target_rows.size(); ++i) all[i] = {0, target_rows[i]};
+  return all;
+}
+
+// The gradient targets of a chain's reverse pass when field j is target j: their rows, and the
+// field → target map chain_touches_only reads.
+template <typename T, int D>
+struct ChainTargets {
+  std::vector<int64_t> rows;
+  int target[kMaxComposed];
+
+  ChainTargets(const ChainRef<T, D>& chain, int64_t batch) {
+    for (int j = 0; j < chain.count; ++j) {
+      rows.push_back(gradient_rows(chain.field[j], batch));
+      target[j] = j;
+    }
+  }
+};
 
 // Does a point sampled at x (axis 0) in batch entry b touch only rows of `range`?
 template <typename T, int D>
@@ -99,8 +96,7 @@ template <typename Body, typename Single>
 double for_each_item_owning_rows(int64_t n, const std::vector<int64_t>& target_rows, int64_t min_items_per_slab,
                                  const Body& body, const Single& single) {
   const size_t targets = target_rows.size();
-  std::vector<RowRange> all(targets);
-  for (size_t i = 0; i < targets; ++i) all[i] = {0, target_rows[i]};
+  const std::vector<RowRange> all = whole_rows(target_rows);
   const int64_t pairs = std::min<int64_t>(kSlabPairs, std::max<int64_t>(n / std::max<int64_t>(min_items_per_slab, 1), 1));
   const int64_t slabs = pairs <= 1 ? 1 : 2 * pairs;
   std::vector<std::vector<int64_t>> deferred(slabs);
@@ -138,8 +134,7 @@ double for_each_item_owning_rows(int64_t n, const std::vector<int64_t>& target_r
 // when the point would leave its rows.
 template <typename Body>
 void for_each_point_owning_rows(int64_t n, const std::vector<int64_t>& target_rows, const Body& body) {
-  std::vector<RowRange> all(target_rows.size());
-  for (size_t i = 0; i < target_rows.size(); ++i) all[i] = {0, target_rows[i]};
+  const std::vector<RowRange> all = whole_rows(target_rows);
   for_each_item_owning_rows(
       n, target_rows, 256,
       [&](int64_t p, const RowRange* own, std::vector<int64_t>& deferred) {
@@ -170,6 +165,20 @@ double deterministic_sum(int64_t n, const Term& term) {
   double total = 0.0;
   for (double s : partial) total += s;
   return total;
+}
+
+// A penalty's loss: Σ term(x, b) over its points x and batch entries b, divided by B·D·N; the
+// points' sums in deterministic_sum's fixed order.
+template <typename T, int D, typename Term>
+double penalty_mean(const PenaltyPoints<T, D>& pts, int64_t batch, const Term& term) {
+  const double sum = deterministic_sum(pts.num_points, [&](int64_t p) {
+    T x[D];
+    penalty_point(pts, p, x);
+    double s = 0.0;
+    for (int64_t b = 0; b < batch; ++b) s += term(x, b);
+    return s;
+  });
+  return sum / static_cast<double>(batch * D * pts.num_points);
 }
 
 }  // namespace gradicon_fast::cpu
@@ -219,13 +228,6 @@ struct PlainAdd {
     *p += v;
   }
 };
-
-inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
 
 // Asks Linux to back [data, data + bytes) with 2 MiB transparent huge pages, before the first
 // touch. Gradient buffers are fresh allocations (page-fault costs on first touch) written at
@@ -351,21 +353,12 @@ inline at::Tensor zeroed_buffer(const at::Tensor& t) {
 }
 
 // Zero gradient buffers for the fields whose mask entry is set; undefined tensors elsewhere.
-inline std::vector<at::Tensor> gradient_buffers(const std::vector<at::Tensor>& fields, const c10::List<bool>& mask) {
+inline std::vector<at::Tensor> gradient_buffers(const std::vector<at::Tensor>& fields, const std::vector<bool>& mask) {
   std::vector<at::Tensor> grads(fields.size());
   for (size_t i = 0; i < fields.size(); ++i) {
     if (mask[i]) grads[i] = zeroed_buffer(fields[i]);
   }
   return grads;
-}
-
-// What the backward ops return for a gradient nobody asked for.
-inline at::Tensor no_gradient(const at::Tensor& like) { return at::empty({0}, like.options()); }
-
-inline std::vector<at::Tensor> returned_gradients(const std::vector<at::Tensor>& grads, const at::Tensor& like) {
-  std::vector<at::Tensor> out;
-  for (const auto& g : grads) out.push_back(g.defined() ? g : no_gradient(like));
-  return out;
 }
 
 }  // namespace gradicon_fast::cpu

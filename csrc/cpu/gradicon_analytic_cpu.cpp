@@ -4,7 +4,6 @@
 #include <torch/library.h>
 
 #include "../gradicon_analytic_point.h"
-#include "../op_checks.h"
 #include "../penalty_args.h"
 #include "cpu_common.h"
 
@@ -25,29 +24,21 @@ bool cell_rows_inside(const Field& f, int64_t b, T x0, const RowRange& range) {
 
 template <typename T, int D>
 double forward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch) {
-  const double sum = deterministic_sum(pts.num_points, [&](int64_t p) {
-    T x[D];
-    penalty_point(pts, p, x);
-    double s = 0.0;
-    for (int64_t b = 0; b < batch; ++b) {
-      T y[D], dev[D][D];
-      for (int k = 0; k < D; ++k) y[k] = x[k];
-      jacobian_forward<T, D>(chain, b, y, dev, nullptr, nullptr);
-      s += squared_deviation(dev);
-    }
-    return s;
+  return penalty_mean(pts, batch, [&](const T (&x)[D], int64_t b) {
+    T y[D], dev[D][D];
+    for (int k = 0; k < D; ++k) y[k] = x[k];
+    jacobian_forward<T, D>(chain, b, y, dev, nullptr, nullptr);
+    return squared_deviation(dev);
   });
-  return sum / static_cast<double>(batch * D * pts.num_points);
 }
 
 template <typename T, int D>
 void backward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch, T grad_loss) {
   const int64_t n = pts.num_points;
   const T scale = T(2) * grad_loss / static_cast<T>(batch * D * n);
-  std::vector<int64_t> rows;
-  for (int j = 0; j < chain.count; ++j) rows.push_back(gradient_rows(chain.field[j], batch));
+  const ChainTargets<T, D> targets(chain, batch);
   PlainAdd add;
-  for_each_point_owning_rows(batch * n, rows, [&](int64_t q, const RowRange* own) {
+  for_each_point_owning_rows(batch * n, targets.rows, [&](int64_t q, const RowRange* own) {
     const int64_t b = q / n, p = q % n;
     T y[D], dev[D][D];
     penalty_point(pts, p, y);
@@ -64,43 +55,17 @@ void backward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts
   });
 }
 
-struct Args {
-  std::vector<at::Tensor> fields;  // φ_AB's fields then φ_BA's
-  int64_t d, batch;
-  std::vector<int64_t> count;
-  at::Tensor noise;
-};
-
-Args prepare(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
-             const c10::optional<at::Tensor>& noise, double noise_scale) {
-  Args args;
-  args.batch = 1;
-  args.d = check_chain("chain_AB", chain_ab, args.batch);
-  TORCH_CHECK(check_chain("chain_BA", chain_ba, args.batch) == args.d, "chain_AB and chain_BA must both be 2D or 3D");
-  check_like("chain_BA[0]", chain_ba[0], "chain_AB[0]", chain_ab[0]);
-  args.count = check_penalty(args.d, shape, stride, noise, chain_ab[0]);
-  TORCH_CHECK(noise_scale >= 0, "noise_scale must be >= 0, got ", noise_scale);
-  args.fields = concatenated(contiguous_all(chain_ab), contiguous_all(chain_ba));
-  if (noise.has_value()) args.noise = noise->contiguous();
-  return args;
-}
-
 at::Tensor gradicon_analytic_loss_cpu(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
                                       int64_t stride, const c10::optional<at::Tensor>& noise, int64_t seed,
                                       double noise_scale) {
-  const Args args = prepare(chain_ab, chain_ba, shape, stride, noise, noise_scale);
-  const std::vector<at::Tensor> no_grads(args.fields.size());
+  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCPU);
   double loss = 0.0;
   AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "gradicon_analytic_loss_cpu", [&] {
-    if (args.d == 2) {
-      loss = forward_kernel<scalar_t, 2>(
-          chain_ref<scalar_t, 2>(args.fields, no_grads, args.batch),
-          penalty_points_from<scalar_t, 2>(shape, stride, args.count, args.noise, seed, noise_scale), args.batch);
-    } else {
-      loss = forward_kernel<scalar_t, 3>(
-          chain_ref<scalar_t, 3>(args.fields, no_grads, args.batch),
-          penalty_points_from<scalar_t, 3>(shape, stride, args.count, args.noise, seed, noise_scale), args.batch);
-    }
+    dispatch_dims(args.d, [&](auto dims) {
+      constexpr int D = decltype(dims)::value;
+      loss = forward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, args.batch),
+                                         args.points<scalar_t, D>(), args.batch);
+    });
   });
   return at::scalar_tensor(loss, chain_ab[0].options());
 }
@@ -109,29 +74,19 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> gradicon_analytic_l
     const at::Tensor& grad, at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
     const c10::optional<at::Tensor>& noise, int64_t seed, double noise_scale, const c10::List<bool>& ab_needs_grad,
     const c10::List<bool>& ba_needs_grad) {
-  const Args args = prepare(chain_ab, chain_ba, shape, stride, noise, noise_scale);
-  check_mask(ab_needs_grad, chain_ab.size(), "ab_needs_grad");
-  check_mask(ba_needs_grad, chain_ba.size(), "ba_needs_grad");
-  c10::List<bool> mask = ab_needs_grad.copy();
-  for (bool m : ba_needs_grad) mask.push_back(m);
-  const auto grads = gradient_buffers(args.fields, mask);
+  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCPU);
+  const std::vector<bool> needs = args.needs_grad(ab_needs_grad, ba_needs_grad);
+  check_on(grad, "grad", chain_ab[0]);
+  const auto grads = gradient_buffers(args.fields, needs);
   AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "gradicon_analytic_loss_backward_cpu", [&] {
     const scalar_t grad_loss = grad.item<scalar_t>();
-    if (args.d == 2) {
-      backward_kernel<scalar_t, 2>(
-          chain_ref<scalar_t, 2>(args.fields, grads, args.batch),
-          penalty_points_from<scalar_t, 2>(shape, stride, args.count, args.noise, seed, noise_scale), args.batch,
-          grad_loss);
-    } else {
-      backward_kernel<scalar_t, 3>(
-          chain_ref<scalar_t, 3>(args.fields, grads, args.batch),
-          penalty_points_from<scalar_t, 3>(shape, stride, args.count, args.noise, seed, noise_scale), args.batch,
-          grad_loss);
-    }
+    dispatch_dims(args.d, [&](auto dims) {
+      constexpr int D = decltype(dims)::value;
+      backward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, grads, args.batch), args.points<scalar_t, D>(),
+                                   args.batch, grad_loss);
+    });
   });
-  const auto out = returned_gradients(grads, chain_ab[0]);
-  return {std::vector<at::Tensor>(out.begin(), out.begin() + chain_ab.size()),
-          std::vector<at::Tensor>(out.begin() + chain_ab.size(), out.end())};
+  return args.split(grads);
 }
 
 }  // namespace

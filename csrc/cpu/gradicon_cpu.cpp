@@ -6,7 +6,6 @@
 #include <string>
 
 #include "../gradicon_point.h"
-#include "../op_checks.h"
 #include "../penalty_args.h"
 #include "chain8.h"
 #include "gradicon_lanes.h"
@@ -19,22 +18,13 @@ namespace {
 template <typename T, int D>
 double forward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int64_t batch, T delta) {
   constexpr int E = D + 1;
-  const double sum = deterministic_sum(pts.num_points, [&](int64_t p) {
-    T x[D];
-    penalty_point(pts, p, x);
-    double s = 0.0;
-    for (int64_t b = 0; b < batch; ++b) {
-      T start[E][D], end[E][D];
-      shifted_points(x, delta, start);
-      for (int e = 0; e < E; ++e)
-        for (int k = 0; k < D; ++k) end[e][k] = start[e][k];
-      chain_forward<T, D, E>(chain, b, end, nullptr);
-      T g[D][D];
-      s += fd_gradient_error(start, end, delta, g);
-    }
-    return s;
+  return penalty_mean(pts, batch, [&](const T (&x)[D], int64_t b) {
+    T start[E][D], end[E][D];
+    start_and_end_points(x, delta, start, end);
+    chain_forward<T, D, E>(chain, b, end, nullptr);
+    T g[D][D];
+    return fd_gradient_error(start, end, delta, g);
   });
-  return sum / static_cast<double>(batch * D * pts.num_points);
 }
 
 // The reverse pass of one point (batch entry b, point p); false, having written nothing, if it
@@ -47,9 +37,7 @@ bool backward_point(const ChainRef<T, D>& chain, const int* target, const Penalt
   penalty_point(pts, p, x);
   T start[E][D], end[E][D];
   T stash[kMaxComposed][E][D];
-  shifted_points(x, delta, start);
-  for (int e = 0; e < E; ++e)
-    for (int k = 0; k < D; ++k) end[e][k] = start[e][k];
+  start_and_end_points(x, delta, start, end);
   chain_forward<T, D, E>(chain, b, end, stash);
   if (!chain_touches_only<T, D, E>(chain, target, b, stash, own)) return false;
   T g[D][D], a[E][D];
@@ -67,24 +55,18 @@ double backward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& p
                        T grad_loss) {
   const int64_t n = pts.num_points;
   const T scale_sum = grad_loss / static_cast<T>(batch * D * n);
-  std::vector<int64_t> rows;
-  int target[kMaxComposed];
-  for (int j = 0; j < chain.count; ++j) {
-    rows.push_back(gradient_rows(chain.field[j], batch));
-    target[j] = j;
-  }
-  std::vector<RowRange> all(rows.size());
-  for (size_t i = 0; i < rows.size(); ++i) all[i] = {0, rows[i]};
+  const ChainTargets<T, D> targets(chain, batch);
+  const std::vector<RowRange> all = whole_rows(targets.rows);
   return for_each_item_owning_rows(
-      batch * n, rows, 256,
+      batch * n, targets.rows, 256,
       [&](int64_t q, const RowRange* own, std::vector<int64_t>& deferred) {
         double sq = 0.0;
-        if (!backward_point(chain, target, pts, q / n, q % n, delta, scale_sum, own, &sq)) deferred.push_back(q);
+        if (!backward_point(chain, targets.target, pts, q / n, q % n, delta, scale_sum, own, &sq)) deferred.push_back(q);
         return sq;
       },
       [&](int64_t q) {
         double sq = 0.0;
-        backward_point(chain, target, pts, q / n, q % n, delta, scale_sum, all.data(), &sq);
+        backward_point(chain, targets.target, pts, q / n, q % n, delta, scale_sum, all.data(), &sq);
         return sq;
       });
 }
@@ -180,17 +162,11 @@ double backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<flo
   const float scale_sum = grad_loss / static_cast<float>(batch * D * n);
   const float s = 2.f * scale_sum / delta;
   const Strides32<D> s32 = strides32(chain);
-  std::vector<int64_t> rows;
-  int target[kMaxComposed];
-  for (int j = 0; j < chain.count; ++j) {
-    rows.push_back(gradient_rows(chain.field[j], batch));
-    target[j] = j;
-  }
-  std::vector<RowRange> all(rows.size());
-  for (size_t i = 0; i < rows.size(); ++i) all[i] = {0, rows[i]};
+  const ChainTargets<float, D> targets(chain, batch);
+  const std::vector<RowRange> all = whole_rows(targets.rows);
   const VisitingOrder<float, D> order = visiting_order(pts);
   return for_each_item_owning_rows(
-      batch * items, rows, 32 / G,
+      batch * items, targets.rows, 32 / G,
       [&](int64_t item, const RowRange* own, std::vector<int64_t>& deferred) {
         const int64_t b = item / items;
         f8 x[G][D];
@@ -208,7 +184,7 @@ double backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<flo
         chain_forward8<D, E, G>(chain, s32, b, end, stash, jacobian);
         double sq = 0.0;
         for (int g = 0; g < G; ++g) {
-          const unsigned owned = owned_lanes8<D, E>(chain, target, b, stash[g], own) & active[g];
+          const unsigned owned = owned_lanes8<D, E>(chain, targets.target, b, stash[g], own) & active[g];
           for (unsigned rest = active[g] & ~owned; rest; rest &= rest - 1)
             deferred.push_back(b * n + p[g][__builtin_ctz(rest)]);
           f8 err[D][D], a[E][D];
@@ -228,7 +204,7 @@ double backward_kernel8(const ChainRef<float, D>& chain, const PenaltyPoints<flo
       },
       [&](int64_t q) {
         double sq = 0.0;
-        backward_point(chain, target, pts, q / n, q % n, delta, scale_sum, all.data(), &sq);
+        backward_point(chain, targets.target, pts, q / n, q % n, delta, scale_sum, all.data(), &sq);
         return sq;
       });
 }
@@ -279,14 +255,8 @@ double backward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& 
   const float scale_sum = grad_loss / static_cast<float>(batch * D * n);
   const float s = 2.f * scale_sum / delta;
   const Strides32<D> st = strides32(chain);
-  std::vector<int64_t> rows;
-  int target[kMaxComposed];
-  for (int j = 0; j < chain.count; ++j) {
-    rows.push_back(gradient_rows(chain.field[j], batch));
-    target[j] = j;
-  }
-  std::vector<RowRange> all(rows.size());
-  for (size_t i = 0; i < rows.size(); ++i) all[i] = {0, rows[i]};
+  const ChainTargets<float, D> targets(chain, batch);
+  const std::vector<RowRange> all = whole_rows(targets.rows);
   // Σ g² of point q, or -1 (having written nothing) if it would leave `own`.
   auto point = [&](int64_t q, const RowRange* own) -> double {
     const int64_t b = q / n, p = q % n;
@@ -299,7 +269,7 @@ double backward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& 
     for (int j = 0; j < chain.count; ++j) {
       if (!chain.field[j].grad) continue;
       for (int e = 0; e <= D; ++e)
-        if (!touches_only(chain.field[j], b, stash[j][0][e], own[target[j]])) return -1.0;
+        if (!touches_only(chain.field[j], b, stash[j][0][e], own[targets.target[j]])) return -1.0;
     }
     f4 err[D], a[D];
     for (int c = 0; c < D; ++c) {
@@ -319,7 +289,7 @@ double backward(const ChainRef<float, D>& chain, const PenaltyPoints<float, D>& 
     return sq;
   };
   return for_each_item_owning_rows(
-      batch * n, rows, 256,
+      batch * n, targets.rows, 256,
       [&](int64_t q, const RowRange* own, std::vector<int64_t>& deferred) {
         const double sq = point(q, own);
         if (sq >= 0.0) return sq;
@@ -389,94 +359,44 @@ double backward(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int
   return backward_kernel<T, D>(chain, pts, batch, delta, grad_loss);
 }
 
-struct Args {
-  std::vector<at::Tensor> fields;  // φ_AB's fields then φ_BA's
-  int64_t d, batch;
-  std::vector<int64_t> count;
-  at::Tensor noise;
-};
-
-Args prepare(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
-             const c10::optional<at::Tensor>& noise, double delta, double noise_scale) {
-  Args args;
-  args.batch = 1;
-  args.d = check_chain("chain_AB", chain_ab, args.batch);
-  TORCH_CHECK(check_chain("chain_BA", chain_ba, args.batch) == args.d, "chain_AB and chain_BA must both be 2D or 3D");
-  check_like("chain_BA[0]", chain_ba[0], "chain_AB[0]", chain_ab[0]);
-  args.count = check_penalty(args.d, shape, stride, noise, chain_ab[0]);
-  TORCH_CHECK(delta > 0, "delta must be positive, got ", delta);
-  TORCH_CHECK(noise_scale >= 0, "noise_scale must be >= 0, got ", noise_scale);
-  args.fields = concatenated(contiguous_all(chain_ab), contiguous_all(chain_ba));
-  if (noise.has_value()) args.noise = noise->contiguous();
-  return args;
-}
-
 at::Tensor gradicon_loss_cpu(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
                              const c10::optional<at::Tensor>& noise, int64_t seed, double delta, double noise_scale) {
-  const Args args = prepare(chain_ab, chain_ba, shape, stride, noise, delta, noise_scale);
-  const std::vector<at::Tensor> no_grads(args.fields.size());
+  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCPU, delta);
   double loss = 0.0;
   AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "gradicon_loss_cpu", [&] {
-    if (args.d == 2) {
-      loss = forward<scalar_t, 2>(chain_ref<scalar_t, 2>(args.fields, no_grads, args.batch),
-                                         penalty_points_from<scalar_t, 2>(shape, stride, args.count, args.noise, seed,
-                                                                          noise_scale),
-                                         args.batch, static_cast<scalar_t>(delta));
-    } else {
-      loss = forward<scalar_t, 3>(chain_ref<scalar_t, 3>(args.fields, no_grads, args.batch),
-                                         penalty_points_from<scalar_t, 3>(shape, stride, args.count, args.noise, seed,
-                                                                          noise_scale),
-                                         args.batch, static_cast<scalar_t>(delta));
-    }
+    dispatch_dims(args.d, [&](auto dims) {
+      constexpr int D = decltype(dims)::value;
+      loss = forward<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, args.batch), args.points<scalar_t, D>(),
+                                  args.batch, static_cast<scalar_t>(delta));
+    });
   });
   return at::scalar_tensor(loss, chain_ab[0].options());
 }
 
 // Fills gradient buffers for the masked fields with grad_loss · ∂loss/∂field; returns the loss.
-double run_backward(const Args& args, double grad_loss, at::IntArrayRef shape, int64_t stride, int64_t seed,
-                    double delta, double noise_scale, const std::vector<at::Tensor>& grads) {
+double run_backward(const PairArgs& args, double grad_loss, double delta, const std::vector<at::Tensor>& grads) {
   double squared_sum = 0.0;
   AT_DISPATCH_FLOATING_TYPES(args.fields[0].scalar_type(), "gradicon_loss_backward_cpu", [&] {
-    if (args.d == 2) {
-      squared_sum = backward<scalar_t, 2>(
-          chain_ref<scalar_t, 2>(args.fields, grads, args.batch),
-          penalty_points_from<scalar_t, 2>(shape, stride, args.count, args.noise, seed, noise_scale), args.batch,
-          static_cast<scalar_t>(delta), static_cast<scalar_t>(grad_loss));
-    } else {
-      squared_sum = backward<scalar_t, 3>(
-          chain_ref<scalar_t, 3>(args.fields, grads, args.batch),
-          penalty_points_from<scalar_t, 3>(shape, stride, args.count, args.noise, seed, noise_scale), args.batch,
-          static_cast<scalar_t>(delta), static_cast<scalar_t>(grad_loss));
-    }
+    dispatch_dims(args.d, [&](auto dims) {
+      constexpr int D = decltype(dims)::value;
+      squared_sum = backward<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, grads, args.batch),
+                                          args.points<scalar_t, D>(), args.batch, static_cast<scalar_t>(delta),
+                                          static_cast<scalar_t>(grad_loss));
+    });
   });
-  int64_t points = 1;
-  for (int64_t c : args.count) points *= c;
-  return squared_sum / static_cast<double>(args.batch * args.d * points);
-}
-
-std::vector<at::Tensor> masked_gradients(const Args& args, const c10::List<bool>& ab_needs_grad,
-                                         const c10::List<bool>& ba_needs_grad, size_t n_ab, size_t n_ba) {
-  check_mask(ab_needs_grad, n_ab, "ab_needs_grad");
-  check_mask(ba_needs_grad, n_ba, "ba_needs_grad");
-  c10::List<bool> mask = ab_needs_grad.copy();
-  for (bool m : ba_needs_grad) mask.push_back(m);
-  return gradient_buffers(args.fields, mask);
-}
-
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> split_pair(const std::vector<at::Tensor>& grads,
-                                                                       const at::Tensor& like, size_t n_ab) {
-  const auto out = returned_gradients(grads, like);
-  return {std::vector<at::Tensor>(out.begin(), out.begin() + n_ab), std::vector<at::Tensor>(out.begin() + n_ab, out.end())};
+  return squared_sum / static_cast<double>(args.batch * args.d * args.num_points);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> gradicon_loss_backward_cpu(
     const at::Tensor& grad, at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
     const c10::optional<at::Tensor>& noise, int64_t seed, double delta, double noise_scale,
     const c10::List<bool>& ab_needs_grad, const c10::List<bool>& ba_needs_grad) {
-  const Args args = prepare(chain_ab, chain_ba, shape, stride, noise, delta, noise_scale);
-  const auto grads = masked_gradients(args, ab_needs_grad, ba_needs_grad, chain_ab.size(), chain_ba.size());
-  run_backward(args, grad.item<double>(), shape, stride, seed, delta, noise_scale, grads);
-  return split_pair(grads, chain_ab[0], chain_ab.size());
+  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCPU, delta);
+  const std::vector<bool> needs = args.needs_grad(ab_needs_grad, ba_needs_grad);
+  check_on(grad, "grad", chain_ab[0]);
+  const auto grads = gradient_buffers(args.fields, needs);
+  run_backward(args, grad.item<double>(), delta, grads);
+  return args.split(grads);
 }
 
 // Loss and its gradients in one pass over the points (for callers that will backpropagate
@@ -485,10 +405,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gradico
     at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
     const c10::optional<at::Tensor>& noise, int64_t seed, double delta, double noise_scale,
     const c10::List<bool>& ab_needs_grad, const c10::List<bool>& ba_needs_grad) {
-  const Args args = prepare(chain_ab, chain_ba, shape, stride, noise, delta, noise_scale);
-  const auto grads = masked_gradients(args, ab_needs_grad, ba_needs_grad, chain_ab.size(), chain_ba.size());
-  const double loss = run_backward(args, 1.0, shape, stride, seed, delta, noise_scale, grads);
-  auto [grad_ab, grad_ba] = split_pair(grads, chain_ab[0], chain_ab.size());
+  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCPU, delta);
+  const auto grads = gradient_buffers(args.fields, args.needs_grad(ab_needs_grad, ba_needs_grad));
+  const double loss = run_backward(args, 1.0, delta, grads);
+  auto [grad_ab, grad_ba] = args.split(grads);
   return {at::scalar_tensor(loss, chain_ab[0].options()), grad_ab, grad_ba};
 }
 

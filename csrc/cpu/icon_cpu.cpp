@@ -1,7 +1,6 @@
 // ICON penalty on the CPU (docs/conventions.md §2): mean((x - φ_AB(φ_BA(x)))²) + mean((x - φ_BA(φ_AB(x)))²).
 #include <torch/library.h>
 
-#include "../op_checks.h"
 #include "../penalty_args.h"
 #include "cpu_common.h"
 
@@ -41,20 +40,13 @@ double squared_error(const T (&x)[D], const T (&y)[1][D]) {
 
 template <typename T, int D>
 double forward_kernel(const Pair<T, D>& pair, const PenaltyPoints<T, D>& pts, int64_t batch) {
-  const double sum = deterministic_sum(pts.num_points, [&](int64_t p) {
-    T x[D];
-    penalty_point(pts, p, x);
-    double s = 0.0;
-    for (int64_t b = 0; b < batch; ++b) {
-      T y1[1][D], y2[1][D];
-      for (int k = 0; k < D; ++k) y1[0][k] = y2[0][k] = x[k];
-      chain_forward<T, D, 1>(pair.ab_ba, b, y1, nullptr);
-      chain_forward<T, D, 1>(pair.ba_ab, b, y2, nullptr);
-      s += squared_error(x, y1) + squared_error(x, y2);
-    }
-    return s;
+  return penalty_mean(pts, batch, [&](const T (&x)[D], int64_t b) {
+    T y1[1][D], y2[1][D];
+    for (int k = 0; k < D; ++k) y1[0][k] = y2[0][k] = x[k];
+    chain_forward<T, D, 1>(pair.ab_ba, b, y1, nullptr);
+    chain_forward<T, D, 1>(pair.ba_ab, b, y2, nullptr);
+    return squared_error(x, y1) + squared_error(x, y2);
   });
-  return sum / static_cast<double>(batch * D * pts.num_points);
 }
 
 template <typename T, int D>
@@ -86,45 +78,17 @@ void backward_kernel(const Pair<T, D>& pair, const PenaltyPoints<T, D>& pts, int
   });
 }
 
-struct Args {
-  std::vector<at::Tensor> ab, ba;
-  int64_t d, batch;
-  std::vector<int64_t> count;
-  at::Tensor noise;
-};
-
-Args prepare(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
-             const c10::optional<at::Tensor>& noise, double noise_scale) {
-  Args args;
-  args.batch = 1;
-  args.d = check_chain("chain_AB", chain_ab, args.batch);
-  TORCH_CHECK(check_chain("chain_BA", chain_ba, args.batch) == args.d, "chain_AB and chain_BA must both be 2D or 3D");
-  check_like("chain_BA[0]", chain_ba[0], "chain_AB[0]", chain_ab[0]);
-  args.count = check_penalty(args.d, shape, 1, noise, chain_ab[0]);
-  TORCH_CHECK(noise_scale >= 0, "noise_scale must be >= 0, got ", noise_scale);
-  args.ab = contiguous_all(chain_ab);
-  args.ba = contiguous_all(chain_ba);
-  if (noise.has_value()) args.noise = noise->contiguous();
-  return args;
-}
-
 at::Tensor icon_loss_cpu(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
                          const c10::optional<at::Tensor>& noise, int64_t seed, double noise_scale) {
-  const Args args = prepare(chain_ab, chain_ba, shape, noise, noise_scale);
+  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, 1, noise, seed, noise_scale, at::kCPU);
   const std::vector<at::Tensor> none_ab(args.ab.size()), none_ba(args.ba.size());
   double loss = 0.0;
   AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "icon_loss_cpu", [&] {
-    if (args.d == 2) {
-      loss = forward_kernel<scalar_t, 2>(make_pair<scalar_t, 2>(args.ab, args.ba, none_ab, none_ba, args.batch),
-                                         penalty_points_from<scalar_t, 2>(shape, 1, args.count, args.noise, seed,
-                                                                          noise_scale),
-                                         args.batch);
-    } else {
-      loss = forward_kernel<scalar_t, 3>(make_pair<scalar_t, 3>(args.ab, args.ba, none_ab, none_ba, args.batch),
-                                         penalty_points_from<scalar_t, 3>(shape, 1, args.count, args.noise, seed,
-                                                                          noise_scale),
-                                         args.batch);
-    }
+    dispatch_dims(args.d, [&](auto dims) {
+      constexpr int D = decltype(dims)::value;
+      loss = forward_kernel<scalar_t, D>(make_pair<scalar_t, D>(args.ab, args.ba, none_ab, none_ba, args.batch),
+                                         args.points<scalar_t, D>(), args.batch);
+    });
   });
   return at::scalar_tensor(loss, chain_ab[0].options());
 }
@@ -133,30 +97,22 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> icon_loss_backward_
     const at::Tensor& grad, at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
     const c10::optional<at::Tensor>& noise, int64_t seed, double noise_scale, const c10::List<bool>& ab_needs_grad,
     const c10::List<bool>& ba_needs_grad) {
-  const Args args = prepare(chain_ab, chain_ba, shape, noise, noise_scale);
-  check_mask(ab_needs_grad, chain_ab.size(), "ab_needs_grad");
-  check_mask(ba_needs_grad, chain_ba.size(), "ba_needs_grad");
-  const auto grad_ab = gradient_buffers(args.ab, ab_needs_grad);
-  const auto grad_ba = gradient_buffers(args.ba, ba_needs_grad);
+  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, 1, noise, seed, noise_scale, at::kCPU);
+  const std::vector<bool> needs_ab = checked_mask(ab_needs_grad, chain_ab.size(), "ab_needs_grad");
+  const std::vector<bool> needs_ba = checked_mask(ba_needs_grad, chain_ba.size(), "ba_needs_grad");
+  check_on(grad, "grad", chain_ab[0]);
+  const auto grad_ab = gradient_buffers(args.ab, needs_ab), grad_ba = gradient_buffers(args.ba, needs_ba);
   AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "icon_loss_backward_cpu", [&] {
     const scalar_t grad_loss = grad.item<scalar_t>();
-    if (args.d == 2) {
-      const auto pair = make_pair<scalar_t, 2>(args.ab, args.ba, grad_ab, grad_ba, args.batch);
+    dispatch_dims(args.d, [&](auto dims) {
+      constexpr int D = decltype(dims)::value;
+      const auto pair = make_pair<scalar_t, D>(args.ab, args.ba, grad_ab, grad_ba, args.batch);
       std::vector<int64_t> rows;
       for (int j = 0; j < pair.ab_ba.count; ++j) rows.push_back(gradient_rows(pair.ab_ba.field[j], args.batch));
-      backward_kernel<scalar_t, 2>(pair, penalty_points_from<scalar_t, 2>(shape, 1, args.count, args.noise, seed,
-                                                                          noise_scale),
-                                   args.batch, grad_loss, rows);
-    } else {
-      const auto pair = make_pair<scalar_t, 3>(args.ab, args.ba, grad_ab, grad_ba, args.batch);
-      std::vector<int64_t> rows;
-      for (int j = 0; j < pair.ab_ba.count; ++j) rows.push_back(gradient_rows(pair.ab_ba.field[j], args.batch));
-      backward_kernel<scalar_t, 3>(pair, penalty_points_from<scalar_t, 3>(shape, 1, args.count, args.noise, seed,
-                                                                          noise_scale),
-                                   args.batch, grad_loss, rows);
-    }
+      backward_kernel<scalar_t, D>(pair, args.points<scalar_t, D>(), args.batch, grad_loss, rows);
+    });
   });
-  return {returned_gradients(grad_ab, chain_ab[0]), returned_gradients(grad_ba, chain_ab[0])};
+  return {returned_gradients(grad_ab, args.ab), returned_gradients(grad_ba, args.ba)};
 }
 
 }  // namespace

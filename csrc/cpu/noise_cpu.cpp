@@ -1,6 +1,7 @@
 // The penalties' seeded noise, materialised (for tests and for users who want to see it).
 #include <torch/library.h>
 
+#include "../op_checks.h"
 #include "../philox.h"
 #include "cpu_common.h"
 
@@ -8,9 +9,7 @@ namespace gradicon_fast::cpu {
 namespace {
 
 void normal_noise_cpu(at::Tensor& out, int64_t seed) {
-  TORCH_CHECK(out.dim() >= 3 && out.size(0) == 1 && out.size(1) >= 1 && out.size(1) <= 4,
-              "out must be (1, d, *P) with 1 <= d <= 4, got ", out.sizes());
-  TORCH_CHECK(out.is_contiguous(), "out must be contiguous");
+  check_noise_output(out, at::kCPU);
   const int64_t d = out.size(1), n = out.numel() / d;
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "normal_noise_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();

@@ -1,36 +1,12 @@
 // Warping an image by a chain on the CPU: warped = sample(I, φ(id)) on a chosen grid (docs/conventions.md §1).
 #include <torch/library.h>
 
-#include "../op_checks.h"
-#include "../penalty_points.h"
+#include "../op_args.h"
+#include "../warp_grid.h"
 #include "cpu_common.h"
 
 namespace gradicon_fast::cpu {
 namespace {
-
-template <int D>
-struct Grid {
-  int size[D];
-  int64_t count;
-};
-
-template <typename T, int D>
-void grid_point(const Grid<D>& grid, int64_t p, T (&x)[1][D]) {
-  int64_t rest = p;
-  for (int k = D - 1; k >= 0; --k) {
-    x[0][k] = grid_coordinate<T>(rest % grid.size[k], grid.size[k]);
-    rest /= grid.size[k];
-  }
-}
-
-// 0 for a finite point, NaN otherwise: added to the warped value so that a non-finite map never
-// yields a finite image (clamping alone would sample the border).
-template <typename T, int D>
-T poison(const T (&y)[1][D]) {
-  T z = T(0);
-  for (int k = 0; k < D; ++k) z += y[0][k] - y[0][k];
-  return z;
-}
 
 template <typename T, int D>
 void forward_kernel(const ChainRef<T, D>& chain, const FieldRef<T, D>& image, const Grid<D>& grid, at::Tensor& out,
@@ -59,12 +35,8 @@ void backward_kernel(const ChainRef<T, D>& chain, const FieldRef<T, D>& image, c
   const T* go = grad_out.data_ptr<T>();
   const int64_t n = grid.count;
   const int channels = image.channels;
-  std::vector<int64_t> rows;
-  int target[kMaxComposed];
-  for (int j = 0; j < chain.count; ++j) {
-    rows.push_back(gradient_rows(chain.field[j], batch));
-    target[j] = j;
-  }
+  ChainTargets<T, D> targets(chain, batch);  // the image is target chain.count
+  std::vector<int64_t> rows = targets.rows;
   rows.push_back(gradient_rows(image, batch));
   const bool chain_grad = [&] {
     for (int j = 0; j < chain.count; ++j)
@@ -78,7 +50,7 @@ void backward_kernel(const ChainRef<T, D>& chain, const FieldRef<T, D>& image, c
     T stash[kMaxComposed][1][D];
     grid_point(grid, p, y);
     chain_forward<T, D, 1>(chain, b, y, stash);
-    if (!chain_touches_only<T, D, 1>(chain, target, b, stash, own)) return false;
+    if (!chain_touches_only<T, D, 1>(chain, targets.target, b, stash, own)) return false;
     if (image.grad && !touches_only(image, b, y[0][0], own[chain.count])) return false;
     const Cell<T, D> c = locate_in(image, y[0]);
     const T* data = image.data + b * image.batch_stride;
@@ -103,83 +75,38 @@ void backward_kernel(const ChainRef<T, D>& chain, const FieldRef<T, D>& image, c
   });
 }
 
-struct Args {
-  std::vector<at::Tensor> fields;
-  at::Tensor image;
-  int64_t d, batch;
-  std::vector<int64_t> out_shape;
-};
-
-Args prepare(const at::Tensor& image, at::TensorList chain, at::IntArrayRef shape) {
-  Args args;
-  args.batch = 1;
-  args.d = check_chain("chain", chain, args.batch);
-  TORCH_CHECK(image.dim() == args.d + 2, "image must be (B, C, *spatial) with ", args.d,
-              " spatial axes like the chain, got ", image.sizes());
-  TORCH_CHECK(image.size(1) >= 1, "image must have at least one channel");
-  check_like("image", image, "chain[0]", chain[0]);
-  args.batch = merge_batch(args.batch, image.size(0), "image");
-  TORCH_CHECK(static_cast<int64_t>(shape.size()) == args.d, "shape must have ", args.d, " entries, got ", shape);
-  for (int64_t s : shape) TORCH_CHECK(s >= 1 && s < (int64_t(1) << 31), "shape entries must be >= 1, got ", shape);
-  args.fields = contiguous_all(chain);
-  args.image = image.contiguous();
-  args.out_shape = {args.batch, image.size(1)};
-  args.out_shape.insert(args.out_shape.end(), shape.begin(), shape.end());
-  return args;
-}
-
-template <int D>
-Grid<D> make_grid(at::IntArrayRef shape) {
-  Grid<D> g;
-  g.count = 1;
-  for (int k = 0; k < D; ++k) {
-    g.size[k] = static_cast<int>(shape[k]);
-    g.count *= shape[k];
-  }
-  return g;
-}
-
-at::Tensor warp_cpu(const at::Tensor& image_in, at::TensorList chain, at::IntArrayRef shape) {
-  const Args args = prepare(image_in, chain, shape);
+at::Tensor warp_cpu(const at::Tensor& image, at::TensorList chain, at::IntArrayRef shape) {
+  const WarpArgs args = prepare_warp(image, chain, shape, at::kCPU);
   at::Tensor out = at::empty(args.out_shape, args.image.options());
-  const std::vector<at::Tensor> no_grads(args.fields.size());
   AT_DISPATCH_FLOATING_TYPES(args.image.scalar_type(), "warp_cpu", [&] {
-    if (args.d == 2) {
-      forward_kernel<scalar_t, 2>(chain_ref<scalar_t, 2>(args.fields, no_grads, args.batch),
-                                  field_ref<scalar_t, 2>(args.image, at::Tensor(), args.batch), make_grid<2>(shape), out,
-                                  args.batch);
-    } else {
-      forward_kernel<scalar_t, 3>(chain_ref<scalar_t, 3>(args.fields, no_grads, args.batch),
-                                  field_ref<scalar_t, 3>(args.image, at::Tensor(), args.batch), make_grid<3>(shape), out,
-                                  args.batch);
-    }
+    dispatch_dims(args.d, [&](auto dims) {
+      constexpr int D = decltype(dims)::value;
+      forward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, args.batch),
+                                  field_ref<scalar_t, D>(args.image, at::Tensor(), args.batch), make_grid<D>(shape),
+                                  out, args.batch);
+    });
   });
   return out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> warp_backward_cpu(const at::Tensor& grad_in, const at::Tensor& image_in,
+std::tuple<at::Tensor, std::vector<at::Tensor>> warp_backward_cpu(const at::Tensor& grad_in, const at::Tensor& image,
                                                                   at::TensorList chain, at::IntArrayRef shape,
                                                                   bool image_needs_grad,
                                                                   const c10::List<bool>& chain_needs_grad) {
-  const Args args = prepare(image_in, chain, shape);
-  check_mask(chain_needs_grad, chain.size(), "chain_needs_grad");
-  const at::Tensor grad = grad_in.contiguous();
-  TORCH_CHECK(grad.sizes().vec() == args.out_shape, "grad must have shape ", at::IntArrayRef(args.out_shape), ", got ",
-              grad.sizes());
-  const auto grads = gradient_buffers(args.fields, chain_needs_grad);
+  const WarpArgs args = prepare_warp(image, chain, shape, at::kCPU);
+  const std::vector<bool> needs = checked_mask(chain_needs_grad, chain.size(), "chain_needs_grad");
+  const at::Tensor grad = output_gradient(grad_in, args.out_shape, chain[0]);
+  const auto grads = gradient_buffers(args.fields, needs);
   at::Tensor grad_image = image_needs_grad ? zeroed_buffer(args.image) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(args.image.scalar_type(), "warp_backward_cpu", [&] {
-    if (args.d == 2) {
-      backward_kernel<scalar_t, 2>(chain_ref<scalar_t, 2>(args.fields, grads, args.batch),
-                                   field_ref<scalar_t, 2>(args.image, grad_image, args.batch), make_grid<2>(shape), grad,
-                                   args.batch);
-    } else {
-      backward_kernel<scalar_t, 3>(chain_ref<scalar_t, 3>(args.fields, grads, args.batch),
-                                   field_ref<scalar_t, 3>(args.image, grad_image, args.batch), make_grid<3>(shape), grad,
-                                   args.batch);
-    }
+    dispatch_dims(args.d, [&](auto dims) {
+      constexpr int D = decltype(dims)::value;
+      backward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, grads, args.batch),
+                                   field_ref<scalar_t, D>(args.image, grad_image, args.batch), make_grid<D>(shape),
+                                   grad, args.batch);
+    });
   });
-  return {image_needs_grad ? grad_image : no_gradient(args.image), returned_gradients(grads, args.image)};
+  return {image_needs_grad ? grad_image : no_gradient(args.image), returned_gradients(grads, args.fields)};
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 // CUDA-side plumbing shared by the CUDA kernels (one op per file in this folder): dtype policy,
-// tensor → FieldRef views, launch sizes, the atomics policy of the gradient scatter (with
+// gradient buffers, launch sizes, the atomics policy of the gradient scatter (with
 // warp-level aggregation), and the deterministic block reduction of the losses.
 //
 // Precision: float32 and float64 fields are computed in their own type; float16 and bfloat16
@@ -22,7 +22,8 @@
 #include <vector>
 
 #include "../chain.h"
-#include "../op_checks.h"
+#include "../op_args.h"
+#include "../penalty_args.h"
 
 #ifndef GF_CUDA_BACKWARD_MIN_BLOCKS
 #define GF_CUDA_BACKWARD_MIN_BLOCKS 2
@@ -49,13 +50,10 @@ constexpr int kBackwardBlocksPerSM = sizeof(T) == 4 ? GF_CUDA_BACKWARD_MIN_BLOCK
 
 // ---- dtypes ---------------------------------------------------------------------------------
 
-// Compute type of a storage type: itself for float and double, float for the 16-bit types.
+// Compute type of a storage type: itself for float and double, float for the 16-bit types
+// (compute_dtype of op_args.h for the dtype).
 template <typename S>
 using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
-
-inline at::ScalarType compute_dtype(at::ScalarType s) {
-  return s == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // A value of the compute (or accumulation) type rounded once to the storage type.
 template <typename S, typename V>
@@ -67,69 +65,13 @@ __host__ __device__ __forceinline__ S store_as(V v) {
 #define GF_CUDA_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-// ---- argument checks (on top of op_checks.h) ------------------------------------------------
-
-// The dispatcher sends an op here when any of its tensors is on a CUDA device; op_checks.h has
-// checked that every tensor is on chain[0]'s device, so it remains to check that it is CUDA.
-inline void check_cuda(const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(ref.is_cuda(), name, " must be a CUDA tensor for the CUDA kernels, got one on ", ref.device());
-}
-
-// A batch size of 0 would broadcast as if it were 1 (op_checks.h's merge_batch) and index an empty
-// tensor: rejected.
-inline void check_batch_sizes(at::TensorList tensors, const char* name) {
-  for (const auto& t : tensors) TORCH_CHECK(t.dim() >= 1 && t.size(0) >= 1, name, " has a tensor with batch size 0");
-}
-
-inline void check_on(const at::Tensor& t, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but chain[0] is on ", ref.device());
-}
+// ---- arguments (on top of op_args.h) -------------------------------------------------------
 
 // The incoming gradient of a scalar loss, as a one-element tensor of the compute type on the
 // device: read by the kernels (no host synchronisation, unlike .item()).
 inline at::Tensor loss_gradient(const at::Tensor& grad, const at::Tensor& ref) {
   TORCH_CHECK(grad.numel() == 1, "grad must be a scalar (the gradient of the loss), got shape ", grad.sizes());
   return grad.to(ref.device(), compute_dtype(ref.scalar_type())).reshape({1}).contiguous();
-}
-
-// ---- tensors → FieldRef ---------------------------------------------------------------------
-
-// A contiguous (B|1, C, *S) tensor stored as S, and optionally its gradient buffer (same shape,
-// compute type T).
-template <typename T, int D, typename S>
-FieldRef<T, D, S> field_ref(const at::Tensor& t, const at::Tensor& grad, int64_t batch) {
-  FieldRef<T, D, S> f;
-  f.data = t.data_ptr<S>();
-  f.grad = grad.defined() ? grad.data_ptr<T>() : nullptr;
-  f.channels = static_cast<int>(t.size(1));
-  int64_t stride = 1;
-  for (int k = D - 1; k >= 0; --k) {
-    f.size[k] = static_cast<int>(t.size(2 + k));
-    f.stride[k] = stride;
-    stride *= t.size(2 + k);
-  }
-  f.channel_stride = stride;
-  f.batch_stride = (t.size(0) == 1 && batch > 1) ? 0 : stride * t.size(1);
-  return f;
-}
-
-// Fields outermost first; grads[i] undefined where no gradient is wanted. `count` limits the
-// chain to its first fields (the reverse pass stops after the last field that needs anything).
-template <typename T, int D, typename S>
-ChainRef<T, D, S> chain_ref(const std::vector<at::Tensor>& fields, const std::vector<at::Tensor>& grads,
-                            int64_t batch, int count = -1) {
-  ChainRef<T, D, S> c;
-  c.count = count < 0 ? static_cast<int>(fields.size()) : count;
-  TORCH_INTERNAL_ASSERT(c.count <= kMaxComposed && c.count <= static_cast<int>(fields.size()));
-  for (int i = 0; i < c.count; ++i) c.field[i] = field_ref<T, D, S>(fields[i], grads[i], batch);
-  return c;
-}
-
-inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
 }
 
 // Zeroed gradient accumulators in the compute type for the fields whose mask entry is set.
@@ -139,28 +81,6 @@ inline std::vector<at::Tensor> gradient_buffers(const std::vector<at::Tensor>& f
     if (mask[i]) grads[i] = at::zeros(fields[i].sizes(), fields[i].options().dtype(compute_dtype(fields[i].scalar_type())));
   }
   return grads;
-}
-
-inline std::vector<bool> to_vector(const c10::List<bool>& mask) {
-  std::vector<bool> out;
-  for (bool m : mask) out.push_back(m);
-  return out;
-}
-
-inline at::Tensor no_gradient(const at::Tensor& like) { return at::empty({0}, like.options()); }
-
-// A finished gradient in the dtype of its input (a no-op for float and double).
-inline at::Tensor as_dtype_of(const at::Tensor& g, const at::Tensor& like) {
-  return g.scalar_type() == like.scalar_type() ? g : g.to(like.scalar_type());
-}
-
-inline std::vector<at::Tensor> returned_gradients(const std::vector<at::Tensor>& grads,
-                                                  const std::vector<at::Tensor>& fields) {
-  std::vector<at::Tensor> out;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    out.push_back(grads[i].defined() ? as_dtype_of(grads[i], fields[i]) : no_gradient(fields[i]));
-  }
-  return out;
 }
 
 // Number of fields the reverse pass must visit: through the last one that needs a gradient, or
@@ -392,6 +312,17 @@ at::Tensor mean_of_blocks(int64_t work, double denominator, const at::Tensor& li
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
+}
+
+// A pair penalty's loss: launch(blocks, partial, stream) runs its forward kernel, which writes one
+// partial sum of the terms per block; their mean over B·d·N (mean_of_blocks).
+template <typename Launch>
+at::Tensor penalty_mean(const PairArgs& args, const Launch& launch) {
+  const c10::cuda::CUDAGuard guard(args.fields[0].device());
+  const int64_t n = args.num_points;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  return mean_of_blocks(args.batch * n, static_cast<double>(args.batch * args.d * n), args.fields[0],
+                        [&](int blocks, double* partial) { launch(blocks, partial, stream); });
 }
 
 }  // namespace gradicon_fast::cuda

@@ -66,58 +66,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-struct Args {
-  std::vector<at::Tensor> ab, ba;
-  int64_t d, batch;
-  std::vector<int64_t> count;
-  at::Tensor noise;  // contiguous, in the compute type; undefined to draw from the seed
-};
-
-Args prepare(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
-             const c10::optional<at::Tensor>& noise, double noise_scale) {
-  Args args;
-  args.batch = 1;
-  args.d = check_chain("chain_AB", chain_ab, args.batch);
-  TORCH_CHECK(check_chain("chain_BA", chain_ba, args.batch) == args.d, "chain_AB and chain_BA must both be 2D or 3D");
-  check_like("chain_BA[0]", chain_ba[0], "chain_AB[0]", chain_ab[0]);
-  check_cuda(chain_ab[0], "chain_AB[0]");
-  check_batch_sizes(chain_ab, "chain_AB");
-  check_batch_sizes(chain_ba, "chain_BA");
-  args.count = check_penalty(args.d, shape, 1, noise, chain_ab[0]);
-  TORCH_CHECK(noise_scale >= 0, "noise_scale must be >= 0, got ", noise_scale);
-  args.ab = contiguous_all(chain_ab);
-  args.ba = contiguous_all(chain_ba);
-  if (noise.has_value()) args.noise = noise->contiguous().to(compute_dtype(noise->scalar_type()));
-  return args;
-}
-
-int64_t num_points(const Args& args) {
-  int64_t n = 1;
-  for (int64_t c : args.count) n *= c;
-  return n;
-}
-
 at::Tensor icon_loss_cuda(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
                           const c10::optional<at::Tensor>& noise, int64_t seed, double noise_scale) {
-  const Args args = prepare(chain_ab, chain_ba, shape, noise, noise_scale);
-  const c10::cuda::CUDAGuard guard(chain_ab[0].device());
-  const int64_t n = num_points(args);
-  const auto ab_ba = concatenated(args.ab, args.ba), ba_ab = concatenated(args.ba, args.ab);
-  const std::vector<at::Tensor> no_grads(ab_ba.size());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  return mean_of_blocks(args.batch * n, static_cast<double>(args.batch * args.d * n), chain_ab[0],
-                        [&](int blocks, double* partial) {
+  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, 1, noise, seed, noise_scale, at::kCUDA);
+  const auto ba_ab = concatenated(args.ba, args.ab);
+  return penalty_mean(args, [&](int blocks, double* partial, cudaStream_t stream) {
     GF_CUDA_DISPATCH(chain_ab[0].scalar_type(), "icon_loss_cuda", [&] {
       using T = compute_t<scalar_t>;
-      if (args.d == 2) {
-        forward_kernel<T, 2, scalar_t><<<blocks, kThreads, 0, stream>>>(
-            chain_ref<T, 2, scalar_t>(ab_ba, no_grads, args.batch), chain_ref<T, 2, scalar_t>(ba_ab, no_grads, args.batch),
-            penalty_points_from<T, 2>(shape, 1, args.count, args.noise, seed, noise_scale), args.batch, partial);
-      } else {
-        forward_kernel<T, 3, scalar_t><<<blocks, kThreads, 0, stream>>>(
-            chain_ref<T, 3, scalar_t>(ab_ba, no_grads, args.batch), chain_ref<T, 3, scalar_t>(ba_ab, no_grads, args.batch),
-            penalty_points_from<T, 3>(shape, 1, args.count, args.noise, seed, noise_scale), args.batch, partial);
-      }
+      dispatch_dims(args.d, [&](auto dims) {
+        constexpr int D = decltype(dims)::value;
+        forward_kernel<T, D, scalar_t><<<blocks, kThreads, 0, stream>>>(
+            chain_ref<T, D, scalar_t>(args.fields, args.batch), chain_ref<T, D, scalar_t>(ba_ab, args.batch),
+            args.points<T, D>(), args.batch, partial);
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -127,16 +88,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> icon_loss_backward_
     const at::Tensor& grad, at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
     const c10::optional<at::Tensor>& noise, int64_t seed, double noise_scale, const c10::List<bool>& ab_needs_grad,
     const c10::List<bool>& ba_needs_grad) {
-  const Args args = prepare(chain_ab, chain_ba, shape, noise, noise_scale);
-  check_mask(ab_needs_grad, chain_ab.size(), "ab_needs_grad");
-  check_mask(ba_needs_grad, chain_ba.size(), "ba_needs_grad");
+  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, 1, noise, seed, noise_scale, at::kCUDA);
+  const std::vector<bool> needs_ab = checked_mask(ab_needs_grad, chain_ab.size(), "ab_needs_grad");
+  const std::vector<bool> needs_ba = checked_mask(ba_needs_grad, chain_ba.size(), "ba_needs_grad");
   check_on(grad, "grad", chain_ab[0]);
   const c10::cuda::CUDAGuard guard(chain_ab[0].device());
-  const std::vector<bool> needs_ab = to_vector(ab_needs_grad), needs_ba = to_vector(ba_needs_grad);
-  const auto grad_ab = gradient_buffers(args.ab, needs_ab);
-  const auto grad_ba = gradient_buffers(args.ba, needs_ba);
-  const int64_t n = num_points(args);
-  const int64_t work = args.batch * n;
+  const auto grad_ab = gradient_buffers(args.ab, needs_ab), grad_ba = gradient_buffers(args.ba, needs_ba);
+  const int64_t work = args.batch * args.num_points;
   if (work > 0) {
     const at::Tensor grad_loss = loss_gradient(grad, chain_ab[0]);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -153,19 +111,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> icon_loss_backward_
       const uint32_t aggregate = aggregation_mask(fields, args.count.back());
       GF_CUDA_DISPATCH(chain_ab[0].scalar_type(), "icon_loss_backward_cuda", [&] {
         using T = compute_t<scalar_t>;
-        if (args.d == 2) {
-          backward_kernel<T, 2, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
-              chain_ref<T, 2, scalar_t>(fields, grads, args.batch),
-              chain_ref<T, 2, scalar_t>(fields, grads, args.batch, reverse_count), aggregate,
-              penalty_points_from<T, 2>(shape, 1, args.count, args.noise, seed, noise_scale), args.batch,
-              grad_loss.data_ptr<T>());
-        } else {
-          backward_kernel<T, 3, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
-              chain_ref<T, 3, scalar_t>(fields, grads, args.batch),
-              chain_ref<T, 3, scalar_t>(fields, grads, args.batch, reverse_count), aggregate,
-              penalty_points_from<T, 3>(shape, 1, args.count, args.noise, seed, noise_scale), args.batch,
-              grad_loss.data_ptr<T>());
-        }
+        dispatch_dims(args.d, [&](auto dims) {
+          constexpr int D = decltype(dims)::value;
+          backward_kernel<T, D, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+              chain_ref<T, D, scalar_t>(fields, grads, args.batch),
+              chain_ref<T, D, scalar_t>(fields, grads, args.batch, reverse_count), aggregate, args.points<T, D>(),
+              args.batch, grad_loss.data_ptr<T>());
+        });
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }

@@ -18,10 +18,7 @@ __global__ void __launch_bounds__(kThreads) normal_noise_kernel(S* out, int64_t 
 }
 
 void normal_noise_cuda(at::Tensor& out, int64_t seed) {
-  TORCH_CHECK(out.dim() >= 3 && out.size(0) == 1 && out.size(1) >= 1 && out.size(1) <= 4,
-              "out must be (1, d, *P) with 1 <= d <= 4, got ", out.sizes());
-  TORCH_CHECK(out.is_contiguous(), "out must be contiguous");
-  check_cuda(out, "out");
+  check_noise_output(out, at::kCUDA);
   const c10::cuda::CUDAGuard guard(out.device());
   const int64_t d = out.size(1), n = out.numel() / d;
   if (n == 0) return;

@@ -51,69 +51,35 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-struct Args {
-  std::vector<at::Tensor> fields;
-  at::Tensor points;
-  int64_t d, batch, n;
-  std::vector<int64_t> full_shape;  // points' shape with the broadcast batch size
-};
-
-Args prepare(at::TensorList chain, const at::Tensor& points) {
-  Args args;
-  args.batch = 1;
-  args.d = check_chain("chain", chain, args.batch);
-  TORCH_CHECK(points.dim() >= 3 && points.size(1) == args.d, "points must be (B, ", args.d, ", *P), got ",
-              points.sizes());
-  check_like("points", points, "chain[0]", chain[0]);
-  check_cuda(chain[0], "chain[0]");
-  check_batch_sizes(chain, "chain");
-  check_batch_sizes({points}, "points");
-  args.batch = merge_batch(args.batch, points.size(0), "points");
-  args.n = 1;
-  for (int64_t k = 2; k < points.dim(); ++k) args.n *= points.size(k);
-  args.fields = contiguous_all(chain);
-  args.points = points.contiguous();
-  args.full_shape = args.points.sizes().vec();
-  args.full_shape[0] = args.batch;
-  return args;
-}
-
-at::Tensor transform_points_cuda(at::TensorList chain, const at::Tensor& points_in) {
-  const Args args = prepare(chain, points_in);
+at::Tensor transform_points_cuda(at::TensorList chain, const at::Tensor& points) {
+  const TransformArgs args = prepare_transform(chain, points, at::kCUDA);
   const c10::cuda::CUDAGuard guard(args.points.device());
   at::Tensor out = at::empty(args.full_shape, args.points.options());
   const int64_t work = args.batch * args.n;
   if (work == 0) return out;
-  const std::vector<at::Tensor> no_grads(args.fields.size());
   const int64_t x_batch_stride = args.points.size(0) == 1 ? 0 : args.d * args.n;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   GF_CUDA_DISPATCH(args.points.scalar_type(), "transform_points_cuda", [&] {
     using T = compute_t<scalar_t>;
     const scalar_t* x = args.points.data_ptr<scalar_t>();
     scalar_t* y = out.data_ptr<scalar_t>();
-    if (args.d == 2) {
-      forward_kernel<T, 2, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
-          chain_ref<T, 2, scalar_t>(args.fields, no_grads, args.batch), x, x_batch_stride, y, args.batch, args.n);
-    } else {
-      forward_kernel<T, 3, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
-          chain_ref<T, 3, scalar_t>(args.fields, no_grads, args.batch), x, x_batch_stride, y, args.batch, args.n);
-    }
+    dispatch_dims(args.d, [&](auto dims) {
+      constexpr int D = decltype(dims)::value;
+      forward_kernel<T, D, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+          chain_ref<T, D, scalar_t>(args.fields, args.batch), x, x_batch_stride, y, args.batch, args.n);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> transform_points_backward_cuda(
-    const at::Tensor& grad_in, at::TensorList chain, const at::Tensor& points_in,
+    const at::Tensor& grad_in, at::TensorList chain, const at::Tensor& points,
     const c10::List<bool>& chain_needs_grad, bool points_needs_grad) {
-  const Args args = prepare(chain, points_in);
-  check_mask(chain_needs_grad, chain.size(), "chain_needs_grad");
-  check_like("grad", grad_in, "chain[0]", chain[0]);
-  const at::Tensor grad = grad_in.contiguous();
-  TORCH_CHECK(grad.sizes().vec() == args.full_shape, "grad must have shape ", at::IntArrayRef(args.full_shape),
-              ", got ", grad.sizes());
+  const TransformArgs args = prepare_transform(chain, points, at::kCUDA);
+  const std::vector<bool> needs = checked_mask(chain_needs_grad, chain.size(), "chain_needs_grad");
+  const at::Tensor grad = output_gradient(grad_in, args.full_shape, chain[0]);
   const c10::cuda::CUDAGuard guard(args.points.device());
-  const std::vector<bool> needs = to_vector(chain_needs_grad);
   const auto grads = gradient_buffers(args.fields, needs);
   at::Tensor grad_points = points_needs_grad ? at::empty(args.full_shape, args.points.options().dtype(
                                                                                compute_dtype(args.points.scalar_type())))
@@ -134,17 +100,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> transform_points_backward_cuda(
       const scalar_t* x = args.points.data_ptr<scalar_t>();
       const scalar_t* gy = grad.data_ptr<scalar_t>();
       T* gx = points_needs_grad ? grad_points.data_ptr<T>() : nullptr;
-      if (args.d == 2) {
-        backward_kernel<T, 2, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
-            chain_ref<T, 2, scalar_t>(args.fields, grads, args.batch),
-            chain_ref<T, 2, scalar_t>(args.fields, grads, args.batch, reverse_count), aggregate, x, x_batch_stride, gy,
+      dispatch_dims(args.d, [&](auto dims) {
+        constexpr int D = decltype(dims)::value;
+        backward_kernel<T, D, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+            chain_ref<T, D, scalar_t>(args.fields, grads, args.batch),
+            chain_ref<T, D, scalar_t>(args.fields, grads, args.batch, reverse_count), aggregate, x, x_batch_stride, gy,
             gx, args.batch, args.n);
-      } else {
-        backward_kernel<T, 3, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
-            chain_ref<T, 3, scalar_t>(args.fields, grads, args.batch),
-            chain_ref<T, 3, scalar_t>(args.fields, grads, args.batch, reverse_count), aggregate, x, x_batch_stride, gy,
-            gx, args.batch, args.n);
-      }
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   } else if (points_needs_grad) {

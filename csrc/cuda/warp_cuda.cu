@@ -4,38 +4,11 @@
 // grid) and pulls the adjoint back through the chain (cuda_common.cuh).
 #include <torch/library.h>
 
-#include "../penalty_points.h"
+#include "../warp_grid.h"
 #include "cuda_common.cuh"
 
 namespace gradicon_fast::cuda {
 namespace {
-
-template <int D>
-struct Grid {
-  int size[D];
-  int64_t count;
-};
-
-template <typename T, int D>
-__device__ __forceinline__ void grid_point(const Grid<D>& grid, int64_t p, T (&x)[1][D]) {
-  int64_t rest = p;
-#pragma unroll
-  for (int k = D - 1; k >= 0; --k) {
-    const int64_t next = rest / grid.size[k];
-    x[0][k] = grid_coordinate<T>(rest - next * grid.size[k], grid.size[k]);
-    rest = next;
-  }
-}
-
-// 0 for a finite point, NaN otherwise: added to the warped value so that a non-finite map never
-// yields a finite image (clamping alone would sample the border).
-template <typename T, int D>
-__device__ __forceinline__ T poison(const T (&y)[1][D]) {
-  T z = T(0);
-#pragma unroll
-  for (int k = 0; k < D; ++k) z += y[0][k] - y[0][k];
-  return z;
-}
 
 template <typename T, int D, typename S>
 __global__ void __launch_bounds__(kThreads)
@@ -117,117 +90,55 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-struct Args {
-  std::vector<at::Tensor> fields;
-  at::Tensor image;
-  int64_t d, batch;
-  std::vector<int64_t> out_shape;
-};
-
-Args prepare(const at::Tensor& image, at::TensorList chain, at::IntArrayRef shape) {
-  Args args;
-  args.batch = 1;
-  args.d = check_chain("chain", chain, args.batch);
-  TORCH_CHECK(image.dim() == args.d + 2, "image must be (B, C, *spatial) with ", args.d,
-              " spatial axes like the chain, got ", image.sizes());
-  TORCH_CHECK(image.size(1) >= 1, "image must have at least one channel");
-  for (int64_t k = 2; k < image.dim(); ++k) {
-    TORCH_CHECK(image.size(k) >= 1 && image.size(k) < (int64_t(1) << 31), "image has an unsupported spatial size ",
-                image.sizes());
-  }
-  TORCH_CHECK(image.size(1) < (int64_t(1) << 31), "image has too many channels: ", image.size(1));
-  check_like("image", image, "chain[0]", chain[0]);
-  check_cuda(chain[0], "chain[0]");
-  check_batch_sizes(chain, "chain");
-  check_batch_sizes({image}, "image");
-  args.batch = merge_batch(args.batch, image.size(0), "image");
-  TORCH_CHECK(static_cast<int64_t>(shape.size()) == args.d, "shape must have ", args.d, " entries, got ", shape);
-  for (int64_t s : shape) TORCH_CHECK(s >= 1 && s < (int64_t(1) << 31), "shape entries must be >= 1, got ", shape);
-  args.fields = contiguous_all(chain);
-  args.image = image.contiguous();
-  args.out_shape = {args.batch, image.size(1)};
-  args.out_shape.insert(args.out_shape.end(), shape.begin(), shape.end());
-  return args;
-}
-
-template <int D>
-Grid<D> make_grid(at::IntArrayRef shape) {
-  Grid<D> g;
-  g.count = 1;
-  for (int k = 0; k < D; ++k) {
-    g.size[k] = static_cast<int>(shape[k]);
-    g.count *= shape[k];
-  }
-  return g;
-}
-
-at::Tensor warp_cuda(const at::Tensor& image_in, at::TensorList chain, at::IntArrayRef shape) {
-  const Args args = prepare(image_in, chain, shape);
+at::Tensor warp_cuda(const at::Tensor& image, at::TensorList chain, at::IntArrayRef shape) {
+  const WarpArgs args = prepare_warp(image, chain, shape, at::kCUDA);
   const c10::cuda::CUDAGuard guard(args.image.device());
   at::Tensor out = at::empty(args.out_shape, args.image.options());
-  const std::vector<at::Tensor> no_grads(args.fields.size());
-  int64_t count = 1;
-  for (int64_t s : shape) count *= s;
-  const int64_t work = args.batch * count;
+  const int64_t work = args.batch * args.grid_points;
   if (work == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   GF_CUDA_DISPATCH(args.image.scalar_type(), "warp_cuda", [&] {
     using T = compute_t<scalar_t>;
-    if (args.d == 2) {
-      forward_kernel<T, 2, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
-          chain_ref<T, 2, scalar_t>(args.fields, no_grads, args.batch),
-          field_ref<T, 2, scalar_t>(args.image, at::Tensor(), args.batch), make_grid<2>(shape),
+    dispatch_dims(args.d, [&](auto dims) {
+      constexpr int D = decltype(dims)::value;
+      forward_kernel<T, D, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+          chain_ref<T, D, scalar_t>(args.fields, args.batch),
+          field_ref<T, D, scalar_t>(args.image, at::Tensor(), args.batch), make_grid<D>(shape),
           out.data_ptr<scalar_t>(), args.batch);
-    } else {
-      forward_kernel<T, 3, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
-          chain_ref<T, 3, scalar_t>(args.fields, no_grads, args.batch),
-          field_ref<T, 3, scalar_t>(args.image, at::Tensor(), args.batch), make_grid<3>(shape),
-          out.data_ptr<scalar_t>(), args.batch);
-    }
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> warp_backward_cuda(const at::Tensor& grad_in,
-                                                                   const at::Tensor& image_in, at::TensorList chain,
-                                                                   at::IntArrayRef shape, bool image_needs_grad,
+std::tuple<at::Tensor, std::vector<at::Tensor>> warp_backward_cuda(const at::Tensor& grad_in, const at::Tensor& image,
+                                                                   at::TensorList chain, at::IntArrayRef shape,
+                                                                   bool image_needs_grad,
                                                                    const c10::List<bool>& chain_needs_grad) {
-  const Args args = prepare(image_in, chain, shape);
-  check_mask(chain_needs_grad, chain.size(), "chain_needs_grad");
-  check_like("grad", grad_in, "chain[0]", chain[0]);
-  const at::Tensor grad = grad_in.contiguous();
-  TORCH_CHECK(grad.sizes().vec() == args.out_shape, "grad must have shape ", at::IntArrayRef(args.out_shape),
-              ", got ", grad.sizes());
+  const WarpArgs args = prepare_warp(image, chain, shape, at::kCUDA);
+  const std::vector<bool> needs = checked_mask(chain_needs_grad, chain.size(), "chain_needs_grad");
+  const at::Tensor grad = output_gradient(grad_in, args.out_shape, chain[0]);
   const c10::cuda::CUDAGuard guard(args.image.device());
-  const std::vector<bool> needs = to_vector(chain_needs_grad);
   const auto grads = gradient_buffers(args.fields, needs);
   at::Tensor grad_image =
       image_needs_grad ? at::zeros(args.image.sizes(), args.image.options().dtype(compute_dtype(args.image.scalar_type())))
                        : at::Tensor();
   const int reverse_count = backward_count(needs, false);
-  int64_t count = 1;
-  for (int64_t s : shape) count *= s;
-  const int64_t work = args.batch * count;
+  const int64_t work = args.batch * args.grid_points;
   if ((reverse_count > 0 || image_needs_grad) && work > 0) {
     const uint32_t aggregate = aggregation_mask(args.fields, shape.back());
     const bool aggregate_image = coarse_for(args.image, shape.back());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     GF_CUDA_DISPATCH(args.image.scalar_type(), "warp_backward_cuda", [&] {
       using T = compute_t<scalar_t>;
-      if (args.d == 2) {
-        backward_kernel<T, 2, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
-            chain_ref<T, 2, scalar_t>(args.fields, grads, args.batch),
-            chain_ref<T, 2, scalar_t>(args.fields, grads, args.batch, reverse_count), aggregate,
-            field_ref<T, 2, scalar_t>(args.image, grad_image, args.batch), aggregate_image, make_grid<2>(shape),
+      dispatch_dims(args.d, [&](auto dims) {
+        constexpr int D = decltype(dims)::value;
+        backward_kernel<T, D, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+            chain_ref<T, D, scalar_t>(args.fields, grads, args.batch),
+            chain_ref<T, D, scalar_t>(args.fields, grads, args.batch, reverse_count), aggregate,
+            field_ref<T, D, scalar_t>(args.image, grad_image, args.batch), aggregate_image, make_grid<D>(shape),
             grad.data_ptr<scalar_t>(), args.batch);
-      } else {
-        backward_kernel<T, 3, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
-            chain_ref<T, 3, scalar_t>(args.fields, grads, args.batch),
-            chain_ref<T, 3, scalar_t>(args.fields, grads, args.batch, reverse_count), aggregate,
-            field_ref<T, 3, scalar_t>(args.image, grad_image, args.batch), aggregate_image, make_grid<3>(shape),
-            grad.data_ptr<scalar_t>(), args.batch);
-      }
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
