@@ -77,8 +77,8 @@ inline void field_finish8(const FieldRef<float, D>& f, int64_t b, const FieldSte
         load_lane_corners8<D>(data, f.channel_stride, c[e], (1u << kCorners) - 1, m.other, m.other_lanes, corners);
     }
     for (int ch = 0; ch < D; ++ch) {
-      v[e][ch] = interpolate_corners8(corners[ch], c[e]);
-      if (jacobian) gradient_corners8(corners[ch], c[e], jacobian[e][ch]);
+      v[e][ch] = interpolate_corners(corners[ch], c[e]);
+      if (jacobian) gradient_corners(corners[ch], c[e], jacobian[e][ch]);
     }
   }
   for (int e = 0; e < E; ++e)

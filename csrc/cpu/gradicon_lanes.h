@@ -13,6 +13,7 @@
 
 #include "../chain.h"
 #include "cpu_common.h"
+#include "lane_math.h"
 
 namespace gradicon_fast::cpu::lanes {
 
@@ -21,26 +22,11 @@ typedef int32_t i4 __attribute__((vector_size(16)));
 
 inline f4 splat(float v) { return f4{v, v, v, v}; }
 inline i4 splat_i(int32_t v) { return i4{v, v, v, v}; }
-inline f4 lerp4(f4 a, f4 b, f4 t) { return a + t * (b - a); }
 inline float hsum(f4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
-struct Axis4 {
-  i4 index, step;  // step: stride, or 0 at the last voxel
-  f4 frac, dpdx;
-};
+using Axis4 = AxisLanes<f4, i4>;
 
-inline Axis4 locate4(f4 x, int size, int32_t stride) {
-  const f4 zero = splat(0.f), hi = splat(static_cast<float>(size - 1));
-  const f4 p = x * hi;
-  const i4 inside = (p > zero) & (p < hi);
-  const f4 clamped = inside ? p : (p > zero ? hi : zero);
-  Axis4 a;
-  a.index = __builtin_convertvector(clamped, i4);
-  a.frac = clamped - __builtin_convertvector(a.index, f4);
-  a.step = a.index < splat_i(size - 1) ? splat_i(stride) : splat_i(0);
-  a.dpdx = inside ? hi : zero;
-  return a;
-}
+inline Axis4 locate4(f4 x, int size, int32_t stride) { return locate_lanes<f4, i4>(x, size, stride); }
 
 template <int D>
 struct Cell4 {
@@ -75,35 +61,6 @@ inline void load_corners(const float* f, const Cell4<D>& c, f4* v) {
       if ((corner >> (D - 1 - k)) & 1) o += c.ax[k].step[0];
     v[corner] = splat(p[o]);
   }
-}
-
-// interpolate() of sampling.h on corner values.
-inline f4 interpolate_corners(const f4* v, const Cell4<2>& c) {
-  const f4 fx = c.ax[1].frac, fy = c.ax[0].frac;
-  return lerp4(lerp4(v[0], v[1], fx), lerp4(v[2], v[3], fx), fy);
-}
-
-inline f4 interpolate_corners(const f4* v, const Cell4<3>& c) {
-  const f4 fx = c.ax[2].frac, fy = c.ax[1].frac, fz = c.ax[0].frac;
-  const f4 c00 = lerp4(v[0], v[1], fx), c01 = lerp4(v[2], v[3], fx);
-  const f4 c10 = lerp4(v[4], v[5], fx), c11 = lerp4(v[6], v[7], fx);
-  return lerp4(lerp4(c00, c01, fy), lerp4(c10, c11, fy), fz);
-}
-
-// interpolate_gradient() of sampling.h on corner values: grad[k] = ∂/∂x_k.
-inline void gradient_corners(const f4* v, const Cell4<2>& c, f4* grad) {
-  const f4 fx = c.ax[1].frac, fy = c.ax[0].frac;
-  grad[0] = (lerp4(v[2], v[3], fx) - lerp4(v[0], v[1], fx)) * c.ax[0].dpdx;
-  grad[1] = lerp4(v[1] - v[0], v[3] - v[2], fy) * c.ax[1].dpdx;
-}
-
-inline void gradient_corners(const f4* v, const Cell4<3>& c, f4* grad) {
-  const f4 fx = c.ax[2].frac, fy = c.ax[1].frac, fz = c.ax[0].frac;
-  const f4 c00 = lerp4(v[0], v[1], fx), c01 = lerp4(v[2], v[3], fx);
-  const f4 c10 = lerp4(v[4], v[5], fx), c11 = lerp4(v[6], v[7], fx);
-  grad[0] = (lerp4(c10, c11, fy) - lerp4(c00, c01, fy)) * c.ax[0].dpdx;
-  grad[1] = lerp4(c01 - c00, c11 - c10, fz) * c.ax[1].dpdx;
-  grad[2] = lerp4(lerp4(v[1] - v[0], v[3] - v[2], fy), lerp4(v[5] - v[4], v[7] - v[6], fy), fz) * c.ax[2].dpdx;
 }
 
 template <int D>

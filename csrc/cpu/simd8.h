@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "../sampling.h"
+#include "lane_math.h"
 
 namespace gradicon_fast::cpu::simd {
 
@@ -31,28 +32,15 @@ inline f8 gather(const float* base, i8 index) {
   return reinterpret_cast<f8>(_mm256_i32gather_ps(base, reinterpret_cast<__m256i>(index), 4));
 }
 
-inline f8 lerp8(f8 a, f8 b, f8 t) { return a + t * (b - a); }
-
-struct Axis8 {
-  i8 offset;  // lower corner index * stride
-  i8 step;    // stride, or 0 at the last voxel
-  i8 index;
-  f8 frac;
-  f8 dpdx;
+// locate() of sampling.h for eight coordinates, with the lower corner's offset (index * stride).
+struct Axis8 : AxisLanes<f8, i8> {
+  i8 offset;
 };
 
-// locate() of sampling.h for eight coordinates.
 inline Axis8 locate8(f8 x, int size, int32_t stride) {
-  const f8 zero = splat(0.f), hi = splat(static_cast<float>(size - 1));
-  const f8 p = x * hi;
-  const i8 inside = (p > zero) & (p < hi);
-  const f8 clamped = inside ? p : (p > zero ? hi : zero);
   Axis8 a;
-  a.index = __builtin_convertvector(clamped, i8);
-  a.frac = clamped - __builtin_convertvector(a.index, f8);
+  static_cast<AxisLanes<f8, i8>&>(a) = locate_lanes<f8, i8>(x, size, stride);
   a.offset = a.index * splat_i(stride);
-  a.step = a.index < splat_i(size - 1) ? splat_i(stride) : splat_i(0);
-  a.dpdx = inside ? hi : zero;
   return a;
 }
 
@@ -196,35 +184,6 @@ inline void load_corners8(const float* f, int64_t cs, int size_x, const Cell8<D>
       v[ch][2 * r] = last_x ? odd : even;
       v[ch][2 * r + 1] = odd;
     }
-}
-
-// interpolate() of sampling.h on gathered corners.
-inline f8 interpolate_corners8(const f8 (&v)[4], const Cell8<2>& c) {
-  const f8 fx = c.ax[1].frac, fy = c.ax[0].frac;
-  return lerp8(lerp8(v[0], v[1], fx), lerp8(v[2], v[3], fx), fy);
-}
-
-inline f8 interpolate_corners8(const f8 (&v)[8], const Cell8<3>& c) {
-  const f8 fx = c.ax[2].frac, fy = c.ax[1].frac, fz = c.ax[0].frac;
-  const f8 c00 = lerp8(v[0], v[1], fx), c01 = lerp8(v[2], v[3], fx);
-  const f8 c10 = lerp8(v[4], v[5], fx), c11 = lerp8(v[6], v[7], fx);
-  return lerp8(lerp8(c00, c01, fy), lerp8(c10, c11, fy), fz);
-}
-
-// interpolate_gradient() of sampling.h on gathered corners: grad[k] = ∂f/∂x_k.
-inline void gradient_corners8(const f8 (&v)[4], const Cell8<2>& c, f8* grad) {
-  const f8 fx = c.ax[1].frac, fy = c.ax[0].frac;
-  grad[0] = (lerp8(v[2], v[3], fx) - lerp8(v[0], v[1], fx)) * c.ax[0].dpdx;
-  grad[1] = lerp8(v[1] - v[0], v[3] - v[2], fy) * c.ax[1].dpdx;
-}
-
-inline void gradient_corners8(const f8 (&v)[8], const Cell8<3>& c, f8* grad) {
-  const f8 fx = c.ax[2].frac, fy = c.ax[1].frac, fz = c.ax[0].frac;
-  const f8 c00 = lerp8(v[0], v[1], fx), c01 = lerp8(v[2], v[3], fx);
-  const f8 c10 = lerp8(v[4], v[5], fx), c11 = lerp8(v[6], v[7], fx);
-  grad[0] = (lerp8(c10, c11, fy) - lerp8(c00, c01, fy)) * c.ax[0].dpdx;
-  grad[1] = lerp8(c01 - c00, c11 - c10, fz) * c.ax[1].dpdx;
-  grad[2] = lerp8(lerp8(v[1] - v[0], v[3] - v[2], fy), lerp8(v[5] - v[4], v[7] - v[6], fy), fz) * c.ax[2].dpdx;
 }
 
 // corner_weights() of sampling.h: the weight of each of the 2^D corners.
