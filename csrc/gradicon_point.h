@@ -3,6 +3,7 @@
 // g_k = (e(x) - e(x + δ ê_k)) / δ with e(x) = x - φ(x).
 #pragma once
 
+#include "penalty_points.h"
 #include "sampling.h"
 
 namespace gradicon_fast {
@@ -27,6 +28,15 @@ GF_HD void start_and_end_points(const T (&x)[D], T delta, T (&start)[D + 1][D], 
 #pragma unroll
     for (int k = 0; k < D; ++k) end[e][k] = start[e][k];
   }
+}
+
+// The same for penalty point p.
+template <typename T, int D>
+GF_HD void start_and_end_points_at(const PenaltyPoints<T, D>& pts, int64_t p, T delta, T (&start)[D + 1][D],
+                                   T (&end)[D + 1][D]) {
+  T x[D];
+  penalty_point(pts, p, x);
+  start_and_end_points(x, delta, start, end);
 }
 
 // g[k][c] for the E evaluated points (start → end); returns Σ g² in double.

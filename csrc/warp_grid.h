@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "chain.h"
 #include "penalty_points.h"
 #include "sampling.h"
 
@@ -46,6 +47,23 @@ GF_HD T poison(const T (&y)[1][D]) {
 #pragma unroll
   for (int k = 0; k < D; ++k) z += y[0][k] - y[0][k];
   return z;
+}
+
+// Where grid point p of batch entry b samples the image: the cell of φ(x_p), and the poison to
+// add to every channel's value.
+template <typename T, int D>
+struct WarpSample {
+  Cell<T, D> cell;
+  T poison;
+};
+
+template <typename T, int D, typename S>
+GF_HD WarpSample<T, D> warp_sample(const ChainRef<T, D, S>& chain, const FieldRef<T, D, S>& image,
+                                   const Grid<D>& grid, int64_t b, int64_t p) {
+  T y[1][D];
+  grid_point(grid, p, y);
+  chain_forward<T, D, 1>(chain, b, y, nullptr);
+  return {locate_in(image, y[0]), poison(y)};
 }
 
 }  // namespace gradicon_fast

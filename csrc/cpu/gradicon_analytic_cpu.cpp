@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 #include "../gradicon_analytic_point.h"
-#include "../penalty_args.h"
+#include "../op_entries.h"
 #include "cpu_common.h"
 
 namespace gradicon_fast::cpu {
@@ -55,45 +55,38 @@ void backward_kernel(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts
   });
 }
 
-at::Tensor gradicon_analytic_loss_cpu(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
-                                      int64_t stride, const c10::optional<at::Tensor>& noise, int64_t seed,
-                                      double noise_scale) {
-  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCPU);
-  double loss = 0.0;
-  AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "gradicon_analytic_loss_cpu", [&] {
-    dispatch_dims(args.d, [&](auto dims) {
-      constexpr int D = decltype(dims)::value;
-      loss = forward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, args.batch),
-                                         args.points<scalar_t, D>(), args.batch);
-    });
-  });
-  return at::scalar_tensor(loss, chain_ab[0].options());
-}
+struct Kernels {
+  static constexpr c10::DeviceType kDevice = at::kCPU;
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> gradicon_analytic_loss_backward_cpu(
-    const at::Tensor& grad, at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
-    const c10::optional<at::Tensor>& noise, int64_t seed, double noise_scale, const c10::List<bool>& ab_needs_grad,
-    const c10::List<bool>& ba_needs_grad) {
-  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCPU);
-  const std::vector<bool> needs = args.needs_grad(ab_needs_grad, ba_needs_grad);
-  check_on(grad, "grad", chain_ab[0]);
-  const auto grads = gradient_buffers(args.fields, needs);
-  AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "gradicon_analytic_loss_backward_cpu", [&] {
-    const scalar_t grad_loss = grad.item<scalar_t>();
-    dispatch_dims(args.d, [&](auto dims) {
-      constexpr int D = decltype(dims)::value;
-      backward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, grads, args.batch), args.points<scalar_t, D>(),
-                                   args.batch, grad_loss);
+  static at::Tensor loss(const PairArgs& args) {
+    double mean = 0.0;
+    AT_DISPATCH_FLOATING_TYPES(args.fields[0].scalar_type(), "gradicon_analytic_loss_cpu", [&] {
+      dispatch_dims(args.d, [&](auto dims) {
+        constexpr int D = decltype(dims)::value;
+        mean = forward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, args.batch), args.points<scalar_t, D>(),
+                                           args.batch);
+      });
     });
-  });
-  return args.split(grads);
-}
+    return at::scalar_tensor(mean, args.fields[0].options());
+  }
+
+  static std::vector<at::Tensor> loss_backward(const PairArgs& args, const at::Tensor& grad,
+                                               const std::vector<bool>& needs) {
+    const auto grads = gradient_buffers(args.fields, needs);
+    AT_DISPATCH_FLOATING_TYPES(args.fields[0].scalar_type(), "gradicon_analytic_loss_backward_cpu", [&] {
+      const scalar_t grad_loss = grad.item<scalar_t>();
+      dispatch_dims(args.d, [&](auto dims) {
+        constexpr int D = decltype(dims)::value;
+        backward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, grads, args.batch),
+                                     args.points<scalar_t, D>(), args.batch, grad_loss);
+      });
+    });
+    return grads;
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) {
-  m.impl("gradicon_analytic_loss", &gradicon_analytic_loss_cpu);
-  m.impl("gradicon_analytic_loss_backward", &gradicon_analytic_loss_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) { entry::register_gradicon_analytic<Kernels>(m); }
 
 }  // namespace gradicon_fast::cpu

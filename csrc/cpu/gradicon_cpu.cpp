@@ -6,7 +6,7 @@
 #include <string>
 
 #include "../gradicon_point.h"
-#include "../penalty_args.h"
+#include "../op_entries.h"
 #include "chain8.h"
 #include "gradicon_lanes.h"
 #include "cpu_common.h"
@@ -33,11 +33,9 @@ template <typename T, int D>
 bool backward_point(const ChainRef<T, D>& chain, const int* target, const PenaltyPoints<T, D>& pts, int64_t b,
                     int64_t p, T delta, T scale_sum, const RowRange* own, double* squared_sum) {
   constexpr int E = D + 1;
-  T x[D];
-  penalty_point(pts, p, x);
   T start[E][D], end[E][D];
   T stash[kMaxComposed][E][D];
-  start_and_end_points(x, delta, start, end);
+  start_and_end_points_at(pts, p, delta, start, end);
   chain_forward<T, D, E>(chain, b, end, stash);
   if (!chain_touches_only<T, D, E>(chain, target, b, stash, own)) return false;
   T g[D][D], a[E][D];
@@ -359,65 +357,54 @@ double backward(const ChainRef<T, D>& chain, const PenaltyPoints<T, D>& pts, int
   return backward_kernel<T, D>(chain, pts, batch, delta, grad_loss);
 }
 
-at::Tensor gradicon_loss_cpu(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
-                             const c10::optional<at::Tensor>& noise, int64_t seed, double delta, double noise_scale) {
-  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCPU, delta);
-  double loss = 0.0;
-  AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "gradicon_loss_cpu", [&] {
-    dispatch_dims(args.d, [&](auto dims) {
-      constexpr int D = decltype(dims)::value;
-      loss = forward<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, args.batch), args.points<scalar_t, D>(),
-                                  args.batch, static_cast<scalar_t>(delta));
+struct Kernels {
+  static constexpr c10::DeviceType kDevice = at::kCPU;
+
+  static at::Tensor loss(const PairArgs& args, double delta) {
+    double mean = 0.0;
+    AT_DISPATCH_FLOATING_TYPES(args.fields[0].scalar_type(), "gradicon_loss_cpu", [&] {
+      dispatch_dims(args.d, [&](auto dims) {
+        constexpr int D = decltype(dims)::value;
+        mean = forward<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, args.batch), args.points<scalar_t, D>(),
+                                    args.batch, static_cast<scalar_t>(delta));
+      });
     });
-  });
-  return at::scalar_tensor(loss, chain_ab[0].options());
-}
+    return at::scalar_tensor(mean, args.fields[0].options());
+  }
 
-// Fills gradient buffers for the masked fields with grad_loss · ∂loss/∂field; returns the loss.
-double run_backward(const PairArgs& args, double grad_loss, double delta, const std::vector<at::Tensor>& grads) {
-  double squared_sum = 0.0;
-  AT_DISPATCH_FLOATING_TYPES(args.fields[0].scalar_type(), "gradicon_loss_backward_cpu", [&] {
-    dispatch_dims(args.d, [&](auto dims) {
-      constexpr int D = decltype(dims)::value;
-      squared_sum = backward<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, grads, args.batch),
-                                          args.points<scalar_t, D>(), args.batch, static_cast<scalar_t>(delta),
-                                          static_cast<scalar_t>(grad_loss));
+  // Fills gradient buffers for the masked fields with grad_loss · ∂loss/∂field; returns the loss.
+  static double run_backward(const PairArgs& args, double grad_loss, double delta,
+                             const std::vector<at::Tensor>& grads) {
+    double squared_sum = 0.0;
+    AT_DISPATCH_FLOATING_TYPES(args.fields[0].scalar_type(), "gradicon_loss_backward_cpu", [&] {
+      dispatch_dims(args.d, [&](auto dims) {
+        constexpr int D = decltype(dims)::value;
+        squared_sum = backward<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, grads, args.batch),
+                                            args.points<scalar_t, D>(), args.batch, static_cast<scalar_t>(delta),
+                                            static_cast<scalar_t>(grad_loss));
+      });
     });
-  });
-  return squared_sum / static_cast<double>(args.batch * args.d * args.num_points);
-}
+    return squared_sum / static_cast<double>(args.batch * args.d * args.num_points);
+  }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> gradicon_loss_backward_cpu(
-    const at::Tensor& grad, at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
-    const c10::optional<at::Tensor>& noise, int64_t seed, double delta, double noise_scale,
-    const c10::List<bool>& ab_needs_grad, const c10::List<bool>& ba_needs_grad) {
-  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCPU, delta);
-  const std::vector<bool> needs = args.needs_grad(ab_needs_grad, ba_needs_grad);
-  check_on(grad, "grad", chain_ab[0]);
-  const auto grads = gradient_buffers(args.fields, needs);
-  run_backward(args, grad.item<double>(), delta, grads);
-  return args.split(grads);
-}
+  static std::vector<at::Tensor> loss_backward(const PairArgs& args, const at::Tensor& grad,
+                                               const std::vector<bool>& needs, double delta) {
+    const auto grads = gradient_buffers(args.fields, needs);
+    run_backward(args, grad.item<double>(), delta, grads);
+    return grads;
+  }
 
-// Loss and its gradients in one pass over the points (for callers that will backpropagate
-// anyway): half the work of the forward op followed by the backward op.
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gradicon_loss_and_grad_cpu(
-    at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
-    const c10::optional<at::Tensor>& noise, int64_t seed, double delta, double noise_scale,
-    const c10::List<bool>& ab_needs_grad, const c10::List<bool>& ba_needs_grad) {
-  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCPU, delta);
-  const auto grads = gradient_buffers(args.fields, args.needs_grad(ab_needs_grad, ba_needs_grad));
-  const double loss = run_backward(args, 1.0, delta, grads);
-  auto [grad_ab, grad_ba] = args.split(grads);
-  return {at::scalar_tensor(loss, chain_ab[0].options()), grad_ab, grad_ba};
-}
+  // One pass over the points: half the work of the forward op followed by the backward op.
+  static std::pair<at::Tensor, std::vector<at::Tensor>> loss_and_grad(const PairArgs& args,
+                                                                      const std::vector<bool>& needs, double delta) {
+    const auto grads = gradient_buffers(args.fields, needs);
+    const double loss = run_backward(args, 1.0, delta, grads);
+    return {at::scalar_tensor(loss, args.fields[0].options()), grads};
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) {
-  m.impl("gradicon_loss", &gradicon_loss_cpu);
-  m.impl("gradicon_loss_backward", &gradicon_loss_backward_cpu);
-  m.impl("gradicon_loss_and_grad", &gradicon_loss_and_grad_cpu);
-}
+TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) { entry::register_gradicon<Kernels>(m); }
 
 }  // namespace gradicon_fast::cpu

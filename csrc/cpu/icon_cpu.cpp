@@ -1,7 +1,7 @@
 // ICON penalty on the CPU (docs/conventions.md §2): mean((x - φ_AB(φ_BA(x)))²) + mean((x - φ_BA(φ_AB(x)))²).
 #include <torch/library.h>
 
-#include "../penalty_args.h"
+#include "../op_entries.h"
 #include "cpu_common.h"
 
 namespace gradicon_fast::cpu {
@@ -78,48 +78,42 @@ void backward_kernel(const Pair<T, D>& pair, const PenaltyPoints<T, D>& pts, int
   });
 }
 
-at::Tensor icon_loss_cpu(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
-                         const c10::optional<at::Tensor>& noise, int64_t seed, double noise_scale) {
-  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, 1, noise, seed, noise_scale, at::kCPU);
-  const std::vector<at::Tensor> none_ab(args.ab.size()), none_ba(args.ba.size());
-  double loss = 0.0;
-  AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "icon_loss_cpu", [&] {
-    dispatch_dims(args.d, [&](auto dims) {
-      constexpr int D = decltype(dims)::value;
-      loss = forward_kernel<scalar_t, D>(make_pair<scalar_t, D>(args.ab, args.ba, none_ab, none_ba, args.batch),
-                                         args.points<scalar_t, D>(), args.batch);
-    });
-  });
-  return at::scalar_tensor(loss, chain_ab[0].options());
-}
+struct Kernels {
+  static constexpr c10::DeviceType kDevice = at::kCPU;
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> icon_loss_backward_cpu(
-    const at::Tensor& grad, at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
-    const c10::optional<at::Tensor>& noise, int64_t seed, double noise_scale, const c10::List<bool>& ab_needs_grad,
-    const c10::List<bool>& ba_needs_grad) {
-  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, 1, noise, seed, noise_scale, at::kCPU);
-  const std::vector<bool> needs_ab = checked_mask(ab_needs_grad, chain_ab.size(), "ab_needs_grad");
-  const std::vector<bool> needs_ba = checked_mask(ba_needs_grad, chain_ba.size(), "ba_needs_grad");
-  check_on(grad, "grad", chain_ab[0]);
-  const auto grad_ab = gradient_buffers(args.ab, needs_ab), grad_ba = gradient_buffers(args.ba, needs_ba);
-  AT_DISPATCH_FLOATING_TYPES(chain_ab[0].scalar_type(), "icon_loss_backward_cpu", [&] {
-    const scalar_t grad_loss = grad.item<scalar_t>();
-    dispatch_dims(args.d, [&](auto dims) {
-      constexpr int D = decltype(dims)::value;
-      const auto pair = make_pair<scalar_t, D>(args.ab, args.ba, grad_ab, grad_ba, args.batch);
-      std::vector<int64_t> rows;
-      for (int j = 0; j < pair.ab_ba.count; ++j) rows.push_back(gradient_rows(pair.ab_ba.field[j], args.batch));
-      backward_kernel<scalar_t, D>(pair, args.points<scalar_t, D>(), args.batch, grad_loss, rows);
+  static at::Tensor loss(const PairArgs& args) {
+    const std::vector<at::Tensor> none_ab(args.ab.size()), none_ba(args.ba.size());
+    double mean = 0.0;
+    AT_DISPATCH_FLOATING_TYPES(args.fields[0].scalar_type(), "icon_loss_cpu", [&] {
+      dispatch_dims(args.d, [&](auto dims) {
+        constexpr int D = decltype(dims)::value;
+        mean = forward_kernel<scalar_t, D>(make_pair<scalar_t, D>(args.ab, args.ba, none_ab, none_ba, args.batch),
+                                           args.points<scalar_t, D>(), args.batch);
+      });
     });
-  });
-  return {returned_gradients(grad_ab, args.ab), returned_gradients(grad_ba, args.ba)};
-}
+    return at::scalar_tensor(mean, args.fields[0].options());
+  }
+
+  static std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> loss_backward(
+      const PairArgs& args, const at::Tensor& grad, const std::vector<bool>& needs_ab,
+      const std::vector<bool>& needs_ba) {
+    const auto grad_ab = gradient_buffers(args.ab, needs_ab), grad_ba = gradient_buffers(args.ba, needs_ba);
+    AT_DISPATCH_FLOATING_TYPES(args.fields[0].scalar_type(), "icon_loss_backward_cpu", [&] {
+      const scalar_t grad_loss = grad.item<scalar_t>();
+      dispatch_dims(args.d, [&](auto dims) {
+        constexpr int D = decltype(dims)::value;
+        const auto pair = make_pair<scalar_t, D>(args.ab, args.ba, grad_ab, grad_ba, args.batch);
+        std::vector<int64_t> rows;
+        for (int j = 0; j < pair.ab_ba.count; ++j) rows.push_back(gradient_rows(pair.ab_ba.field[j], args.batch));
+        backward_kernel<scalar_t, D>(pair, args.points<scalar_t, D>(), args.batch, grad_loss, rows);
+      });
+    });
+    return {grad_ab, grad_ba};
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) {
-  m.impl("icon_loss", &icon_loss_cpu);
-  m.impl("icon_loss_backward", &icon_loss_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) { entry::register_icon<Kernels>(m); }
 
 }  // namespace gradicon_fast::cpu

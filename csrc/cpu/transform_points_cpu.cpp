@@ -1,7 +1,7 @@
 // Chain evaluation at points on the CPU: forward and reverse pass.
 #include <torch/library.h>
 
-#include "../op_args.h"
+#include "../op_entries.h"
 #include "cpu_common.h"
 
 namespace gradicon_fast::cpu {
@@ -49,43 +49,39 @@ void backward_kernel(const ChainRef<T, D>& chain, const at::Tensor& points, cons
   });
 }
 
-at::Tensor transform_points_cpu(at::TensorList chain, const at::Tensor& points) {
-  const TransformArgs args = prepare_transform(chain, points, at::kCPU);
-  at::Tensor out = at::empty(args.full_shape, args.points.options());
-  AT_DISPATCH_FLOATING_TYPES(args.points.scalar_type(), "transform_points_cpu", [&] {
-    dispatch_dims(args.d, [&](auto dims) {
-      constexpr int D = decltype(dims)::value;
-      forward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, args.batch), args.points, out,
-                                  args.batch, args.n);
-    });
-  });
-  return out;
-}
+struct Kernels {
+  static constexpr c10::DeviceType kDevice = at::kCPU;
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> transform_points_backward_cpu(
-    const at::Tensor& grad_in, at::TensorList chain, const at::Tensor& points,
-    const c10::List<bool>& chain_needs_grad, bool points_needs_grad) {
-  const TransformArgs args = prepare_transform(chain, points, at::kCPU);
-  const std::vector<bool> needs = checked_mask(chain_needs_grad, chain.size(), "chain_needs_grad");
-  const at::Tensor grad = output_gradient(grad_in, args.full_shape, chain[0]);
-  const auto grads = gradient_buffers(args.fields, needs);
-  at::Tensor grad_points = points_needs_grad ? at::empty(args.full_shape, args.points.options()) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(args.points.scalar_type(), "transform_points_backward_cpu", [&] {
-    dispatch_dims(args.d, [&](auto dims) {
-      constexpr int D = decltype(dims)::value;
-      backward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, grads, args.batch), args.points, grad,
-                                   grad_points, args.batch, args.n);
+  static at::Tensor forward(const TransformArgs& args) {
+    at::Tensor out = at::empty(args.full_shape, args.points.options());
+    AT_DISPATCH_FLOATING_TYPES(args.points.scalar_type(), "transform_points_cpu", [&] {
+      dispatch_dims(args.d, [&](auto dims) {
+        constexpr int D = decltype(dims)::value;
+        forward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, args.batch), args.points, out, args.batch,
+                                    args.n);
+      });
     });
-  });
-  if (points_needs_grad && args.points.size(0) != args.batch) grad_points = grad_points.sum(0, true);
-  return {returned_gradients(grads, args.fields), points_needs_grad ? grad_points : no_gradient(args.points)};
-}
+    return out;
+  }
+
+  static std::tuple<std::vector<at::Tensor>, at::Tensor> backward(const TransformArgs& args, const at::Tensor& grad,
+                                                                  const std::vector<bool>& needs,
+                                                                  bool points_needs_grad) {
+    const auto grads = gradient_buffers(args.fields, needs);
+    at::Tensor grad_points = points_needs_grad ? at::empty(args.full_shape, args.points.options()) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(args.points.scalar_type(), "transform_points_backward_cpu", [&] {
+      dispatch_dims(args.d, [&](auto dims) {
+        constexpr int D = decltype(dims)::value;
+        backward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, grads, args.batch), args.points, grad,
+                                     grad_points, args.batch, args.n);
+      });
+    });
+    return {grads, grad_points};
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) {
-  m.impl("transform_points", &transform_points_cpu);
-  m.impl("transform_points_backward", &transform_points_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) { entry::register_transform_points<Kernels>(m); }
 
 }  // namespace gradicon_fast::cpu

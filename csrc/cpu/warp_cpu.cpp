@@ -1,7 +1,7 @@
 // Warping an image by a chain on the CPU: warped = sample(I, φ(id)) on a chosen grid (docs/conventions.md §1).
 #include <torch/library.h>
 
-#include "../op_args.h"
+#include "../op_entries.h"
 #include "../warp_grid.h"
 #include "cpu_common.h"
 
@@ -16,14 +16,10 @@ void forward_kernel(const ChainRef<T, D>& chain, const FieldRef<T, D>& image, co
   at::parallel_for(0, batch * n, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
       const int64_t b = q / n, p = q % n;
-      T y[1][D];
-      grid_point(grid, p, y);
-      chain_forward<T, D, 1>(chain, b, y, nullptr);
-      const Cell<T, D> c = locate_in(image, y[0]);
+      const WarpSample<T, D> s = warp_sample(chain, image, grid, b, p);
       const T* data = image.data + b * image.batch_stride;
-      const T z = poison(y);
       for (int64_t ch = 0; ch < channels; ++ch) {
-        o[(b * channels + ch) * n + p] = interpolate(data + ch * image.channel_stride, c) + z;
+        o[(b * channels + ch) * n + p] = interpolate(data + ch * image.channel_stride, s.cell) + s.poison;
       }
     }
   });
@@ -75,45 +71,41 @@ void backward_kernel(const ChainRef<T, D>& chain, const FieldRef<T, D>& image, c
   });
 }
 
-at::Tensor warp_cpu(const at::Tensor& image, at::TensorList chain, at::IntArrayRef shape) {
-  const WarpArgs args = prepare_warp(image, chain, shape, at::kCPU);
-  at::Tensor out = at::empty(args.out_shape, args.image.options());
-  AT_DISPATCH_FLOATING_TYPES(args.image.scalar_type(), "warp_cpu", [&] {
-    dispatch_dims(args.d, [&](auto dims) {
-      constexpr int D = decltype(dims)::value;
-      forward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, args.batch),
-                                  field_ref<scalar_t, D>(args.image, at::Tensor(), args.batch), make_grid<D>(shape),
-                                  out, args.batch);
-    });
-  });
-  return out;
-}
+struct Kernels {
+  static constexpr c10::DeviceType kDevice = at::kCPU;
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> warp_backward_cpu(const at::Tensor& grad_in, const at::Tensor& image,
-                                                                  at::TensorList chain, at::IntArrayRef shape,
-                                                                  bool image_needs_grad,
-                                                                  const c10::List<bool>& chain_needs_grad) {
-  const WarpArgs args = prepare_warp(image, chain, shape, at::kCPU);
-  const std::vector<bool> needs = checked_mask(chain_needs_grad, chain.size(), "chain_needs_grad");
-  const at::Tensor grad = output_gradient(grad_in, args.out_shape, chain[0]);
-  const auto grads = gradient_buffers(args.fields, needs);
-  at::Tensor grad_image = image_needs_grad ? zeroed_buffer(args.image) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(args.image.scalar_type(), "warp_backward_cpu", [&] {
-    dispatch_dims(args.d, [&](auto dims) {
-      constexpr int D = decltype(dims)::value;
-      backward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, grads, args.batch),
-                                   field_ref<scalar_t, D>(args.image, grad_image, args.batch), make_grid<D>(shape),
-                                   grad, args.batch);
+  static at::Tensor forward(const WarpArgs& args, at::IntArrayRef shape) {
+    at::Tensor out = at::empty(args.out_shape, args.image.options());
+    AT_DISPATCH_FLOATING_TYPES(args.image.scalar_type(), "warp_cpu", [&] {
+      dispatch_dims(args.d, [&](auto dims) {
+        constexpr int D = decltype(dims)::value;
+        forward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, args.batch),
+                                    field_ref<scalar_t, D>(args.image, at::Tensor(), args.batch), make_grid<D>(shape),
+                                    out, args.batch);
+      });
     });
-  });
-  return {image_needs_grad ? grad_image : no_gradient(args.image), returned_gradients(grads, args.fields)};
-}
+    return out;
+  }
+
+  static std::tuple<at::Tensor, std::vector<at::Tensor>> backward(const WarpArgs& args, const at::Tensor& grad,
+                                                                  at::IntArrayRef shape, bool image_needs_grad,
+                                                                  const std::vector<bool>& needs) {
+    const auto grads = gradient_buffers(args.fields, needs);
+    at::Tensor grad_image = image_needs_grad ? zeroed_buffer(args.image) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(args.image.scalar_type(), "warp_backward_cpu", [&] {
+      dispatch_dims(args.d, [&](auto dims) {
+        constexpr int D = decltype(dims)::value;
+        backward_kernel<scalar_t, D>(chain_ref<scalar_t, D>(args.fields, grads, args.batch),
+                                     field_ref<scalar_t, D>(args.image, grad_image, args.batch), make_grid<D>(shape),
+                                     grad, args.batch);
+      });
+    });
+    return {grad_image, grads};
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) {
-  m.impl("warp", &warp_cpu);
-  m.impl("warp_backward", &warp_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) { entry::register_warp<Kernels>(m); }
 
 }  // namespace gradicon_fast::cpu

@@ -6,7 +6,7 @@
 #include <torch/library.h>
 
 #include "../gradicon_analytic_point.h"
-#include "../penalty_args.h"
+#include "../op_entries.h"
 #include "cuda_common.cuh"
 
 namespace gradicon_fast::cuda {
@@ -52,38 +52,33 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T>)
   }
 }
 
-at::Tensor gradicon_analytic_loss_cuda(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
-                                       int64_t stride, const c10::optional<at::Tensor>& noise, int64_t seed,
-                                       double noise_scale) {
-  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCUDA);
-  return penalty_mean(args, [&](int blocks, double* partial, cudaStream_t stream) {
-    GF_CUDA_DISPATCH(chain_ab[0].scalar_type(), "gradicon_analytic_loss_cuda", [&] {
-      using T = compute_t<scalar_t>;
-      dispatch_dims(args.d, [&](auto dims) {
-        constexpr int D = decltype(dims)::value;
-        forward_kernel<T, D, scalar_t><<<blocks, kThreads, 0, stream>>>(
-            chain_ref<T, D, scalar_t>(args.fields, args.batch), args.points<T, D>(), args.batch, partial);
-      });
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-}
+struct Kernels {
+  static constexpr c10::DeviceType kDevice = at::kCUDA;
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> gradicon_analytic_loss_backward_cuda(
-    const at::Tensor& grad, at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
-    const c10::optional<at::Tensor>& noise, int64_t seed, double noise_scale, const c10::List<bool>& ab_needs_grad,
-    const c10::List<bool>& ba_needs_grad) {
-  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCUDA);
-  const std::vector<bool> needs = args.needs_grad(ab_needs_grad, ba_needs_grad);
-  check_on(grad, "grad", chain_ab[0]);
-  const c10::cuda::CUDAGuard guard(chain_ab[0].device());
-  const auto grads = gradient_buffers(args.fields, needs);
-  const int reverse_count = backward_count(needs, false);
-  const int64_t work = args.batch * args.num_points;
-  if (reverse_count > 0 && work > 0) {
-    const at::Tensor grad_loss = loss_gradient(grad, chain_ab[0]);
+  static at::Tensor loss(const PairArgs& args) {
+    return penalty_mean(args, [&](int blocks, double* partial, cudaStream_t stream) {
+      GF_CUDA_DISPATCH(args.fields[0].scalar_type(), "gradicon_analytic_loss_cuda", [&] {
+        using T = compute_t<scalar_t>;
+        dispatch_dims(args.d, [&](auto dims) {
+          constexpr int D = decltype(dims)::value;
+          forward_kernel<T, D, scalar_t><<<blocks, kThreads, 0, stream>>>(
+              chain_ref<T, D, scalar_t>(args.fields, args.batch), args.points<T, D>(), args.batch, partial);
+        });
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+
+  static std::vector<at::Tensor> loss_backward(const PairArgs& args, const at::Tensor& grad,
+                                               const std::vector<bool>& needs) {
+    const c10::cuda::CUDAGuard guard(args.fields[0].device());
+    const auto grads = gradient_buffers(args.fields, needs);
+    const int reverse_count = backward_count(needs, false);
+    const int64_t work = args.batch * args.num_points;
+    if (reverse_count == 0 || work == 0) return grads;
+    const at::Tensor grad_loss = loss_gradient(grad, args.fields[0]);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    GF_CUDA_DISPATCH(chain_ab[0].scalar_type(), "gradicon_analytic_loss_backward_cuda", [&] {
+    GF_CUDA_DISPATCH(args.fields[0].scalar_type(), "gradicon_analytic_loss_backward_cuda", [&] {
       using T = compute_t<scalar_t>;
       dispatch_dims(args.d, [&](auto dims) {
         constexpr int D = decltype(dims)::value;
@@ -94,15 +89,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> gradicon_analytic_l
       });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    return grads;
   }
-  return args.split(grads);
-}
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) {
-  m.impl("gradicon_analytic_loss", &gradicon_analytic_loss_cuda);
-  m.impl("gradicon_analytic_loss_backward", &gradicon_analytic_loss_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) { entry::register_gradicon_analytic<Kernels>(m); }
 
 }  // namespace gradicon_fast::cuda

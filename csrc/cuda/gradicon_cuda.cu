@@ -7,7 +7,7 @@
 #include <torch/library.h>
 
 #include "../gradicon_point.h"
-#include "../penalty_args.h"
+#include "../op_entries.h"
 #include "cuda_common.cuh"
 
 namespace gradicon_fast::cuda {
@@ -22,10 +22,8 @@ __global__ void __launch_bounds__(kThreads)
   double sum = 0.0;
   for (int64_t q = global_thread(); q < batch * n; q += grid_threads()) {
     const int64_t b = q / n, p = q - b * n;
-    T x[D];
-    penalty_point(pts, p, x);
     T start[E][D], end[E][D];
-    start_and_end_points(x, delta, start, end);
+    start_and_end_points_at(pts, p, delta, start, end);
     chain_forward<T, D, E>(chain, b, end, nullptr);
     T g[D][D];
     sum += fd_gradient_error(start, end, delta, g);
@@ -49,11 +47,9 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T>)
   double sum = 0.0;
   for (int64_t q = global_thread(); q < batch * n; q += grid_threads()) {
     const int64_t b = q / n, p = q - b * n;
-    T x[D];
-    penalty_point(pts, p, x);
     T start[E][D], end[E][D];
     T stash[kMaxComposed][E][D];
-    start_and_end_points(x, delta, start, end);
+    start_and_end_points_at(pts, p, delta, start, end);
     chain_forward<T, D, E>(chain, b, end, stash);
     T g[D][D], a[E][D];
     const double s = fd_gradient_error(start, end, delta, g);
@@ -85,70 +81,52 @@ void launch_backward(const PairArgs& args, const std::vector<at::Tensor>& grads,
   });
 }
 
-at::Tensor gradicon_loss_cuda(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
-                              const c10::optional<at::Tensor>& noise, int64_t seed, double delta,
-                              double noise_scale) {
-  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCUDA, delta);
-  return penalty_mean(args, [&](int blocks, double* partial, cudaStream_t stream) {
-    GF_CUDA_DISPATCH(chain_ab[0].scalar_type(), "gradicon_loss_cuda", [&] {
-      using T = compute_t<scalar_t>;
-      dispatch_dims(args.d, [&](auto dims) {
-        constexpr int D = decltype(dims)::value;
-        forward_kernel<T, D, scalar_t><<<blocks, kThreads, 0, stream>>>(
-            chain_ref<T, D, scalar_t>(args.fields, args.batch), args.points<T, D>(), args.batch, static_cast<T>(delta),
-            partial);
+struct Kernels {
+  static constexpr c10::DeviceType kDevice = at::kCUDA;
+
+  static at::Tensor loss(const PairArgs& args, double delta) {
+    return penalty_mean(args, [&](int blocks, double* partial, cudaStream_t stream) {
+      GF_CUDA_DISPATCH(args.fields[0].scalar_type(), "gradicon_loss_cuda", [&] {
+        using T = compute_t<scalar_t>;
+        dispatch_dims(args.d, [&](auto dims) {
+          constexpr int D = decltype(dims)::value;
+          forward_kernel<T, D, scalar_t><<<blocks, kThreads, 0, stream>>>(
+              chain_ref<T, D, scalar_t>(args.fields, args.batch), args.points<T, D>(), args.batch,
+              static_cast<T>(delta), partial);
+        });
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  });
-}
-
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> gradicon_loss_backward_cuda(
-    const at::Tensor& grad, at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
-    const c10::optional<at::Tensor>& noise, int64_t seed, double delta, double noise_scale,
-    const c10::List<bool>& ab_needs_grad, const c10::List<bool>& ba_needs_grad) {
-  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCUDA, delta);
-  const std::vector<bool> needs = args.needs_grad(ab_needs_grad, ba_needs_grad);
-  check_on(grad, "grad", chain_ab[0]);
-  const c10::cuda::CUDAGuard guard(chain_ab[0].device());
-  const auto grads = gradient_buffers(args.fields, needs);
-  const int64_t work = args.batch * args.num_points;
-  if (backward_count(needs, false) > 0 && work > 0) {
-    launch_backward<false>(args, grads, needs, delta, loss_gradient(grad, chain_ab[0]), blocks_for(work), nullptr);
   }
-  return args.split(grads);
-}
 
-// The loss and its gradients for a unit upstream gradient in one pass over the points: the
-// reverse pass evaluates everything the loss needs, so it sums the loss too (a third less work
-// than gradicon_loss followed by gradicon_loss_backward). Gradients of the fields whose mask
-// entry is false are empty tensors.
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gradicon_loss_and_grad_cuda(
-    at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape, int64_t stride,
-    const c10::optional<at::Tensor>& noise, int64_t seed, double delta, double noise_scale,
-    const c10::List<bool>& ab_needs_grad, const c10::List<bool>& ba_needs_grad) {
-  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, stride, noise, seed, noise_scale, at::kCUDA, delta);
-  const std::vector<bool> needs = args.needs_grad(ab_needs_grad, ba_needs_grad);
-  const c10::cuda::CUDAGuard guard(chain_ab[0].device());
-  const auto grads = gradient_buffers(args.fields, needs);
-  at::Tensor loss;
-  if (backward_count(needs, false) == 0) {
-    loss = gradicon_loss_cuda(chain_ab, chain_ba, shape, stride, noise, seed, delta, noise_scale);
-  } else {
-    loss = penalty_mean(args, [&](int blocks, double* partial, cudaStream_t) {
+  static std::vector<at::Tensor> loss_backward(const PairArgs& args, const at::Tensor& grad,
+                                               const std::vector<bool>& needs, double delta) {
+    const c10::cuda::CUDAGuard guard(args.fields[0].device());
+    const auto grads = gradient_buffers(args.fields, needs);
+    const int64_t work = args.batch * args.num_points;
+    if (backward_count(needs, false) > 0 && work > 0) {
+      launch_backward<false>(args, grads, needs, delta, loss_gradient(grad, args.fields[0]), blocks_for(work),
+                             nullptr);
+    }
+    return grads;
+  }
+
+  // The reverse pass evaluates everything the loss needs, so it sums the loss too (a third less
+  // work than gradicon_loss followed by gradicon_loss_backward).
+  static std::pair<at::Tensor, std::vector<at::Tensor>> loss_and_grad(const PairArgs& args,
+                                                                      const std::vector<bool>& needs, double delta) {
+    const c10::cuda::CUDAGuard guard(args.fields[0].device());
+    const auto grads = gradient_buffers(args.fields, needs);
+    if (backward_count(needs, false) == 0) return {loss(args, delta), grads};
+    const at::Tensor mean = penalty_mean(args, [&](int blocks, double* partial, cudaStream_t) {
       launch_backward<true>(args, grads, needs, delta, at::Tensor(), blocks, partial);
     });
+    return {mean, grads};
   }
-  auto [grad_ab, grad_ba] = args.split(grads);
-  return {loss, grad_ab, grad_ba};
-}
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) {
-  m.impl("gradicon_loss", &gradicon_loss_cuda);
-  m.impl("gradicon_loss_backward", &gradicon_loss_backward_cuda);
-  m.impl("gradicon_loss_and_grad", &gradicon_loss_and_grad_cuda);
-}
+TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) { entry::register_gradicon<Kernels>(m); }
 
 }  // namespace gradicon_fast::cuda

@@ -4,7 +4,7 @@
 // own stash, so that only one is live in registers), noise regenerated from the seed.
 #include <torch/library.h>
 
-#include "../penalty_args.h"
+#include "../op_entries.h"
 #include "cuda_common.cuh"
 
 namespace gradicon_fast::cuda {
@@ -66,37 +66,33 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::Tensor icon_loss_cuda(at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
-                          const c10::optional<at::Tensor>& noise, int64_t seed, double noise_scale) {
-  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, 1, noise, seed, noise_scale, at::kCUDA);
-  const auto ba_ab = concatenated(args.ba, args.ab);
-  return penalty_mean(args, [&](int blocks, double* partial, cudaStream_t stream) {
-    GF_CUDA_DISPATCH(chain_ab[0].scalar_type(), "icon_loss_cuda", [&] {
-      using T = compute_t<scalar_t>;
-      dispatch_dims(args.d, [&](auto dims) {
-        constexpr int D = decltype(dims)::value;
-        forward_kernel<T, D, scalar_t><<<blocks, kThreads, 0, stream>>>(
-            chain_ref<T, D, scalar_t>(args.fields, args.batch), chain_ref<T, D, scalar_t>(ba_ab, args.batch),
-            args.points<T, D>(), args.batch, partial);
-      });
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-}
+struct Kernels {
+  static constexpr c10::DeviceType kDevice = at::kCUDA;
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> icon_loss_backward_cuda(
-    const at::Tensor& grad, at::TensorList chain_ab, at::TensorList chain_ba, at::IntArrayRef shape,
-    const c10::optional<at::Tensor>& noise, int64_t seed, double noise_scale, const c10::List<bool>& ab_needs_grad,
-    const c10::List<bool>& ba_needs_grad) {
-  const PairArgs args = prepare_pair(chain_ab, chain_ba, shape, 1, noise, seed, noise_scale, at::kCUDA);
-  const std::vector<bool> needs_ab = checked_mask(ab_needs_grad, chain_ab.size(), "ab_needs_grad");
-  const std::vector<bool> needs_ba = checked_mask(ba_needs_grad, chain_ba.size(), "ba_needs_grad");
-  check_on(grad, "grad", chain_ab[0]);
-  const c10::cuda::CUDAGuard guard(chain_ab[0].device());
-  const auto grad_ab = gradient_buffers(args.ab, needs_ab), grad_ba = gradient_buffers(args.ba, needs_ba);
-  const int64_t work = args.batch * args.num_points;
-  if (work > 0) {
-    const at::Tensor grad_loss = loss_gradient(grad, chain_ab[0]);
+  static at::Tensor loss(const PairArgs& args) {
+    const auto ba_ab = concatenated(args.ba, args.ab);
+    return penalty_mean(args, [&](int blocks, double* partial, cudaStream_t stream) {
+      GF_CUDA_DISPATCH(args.fields[0].scalar_type(), "icon_loss_cuda", [&] {
+        using T = compute_t<scalar_t>;
+        dispatch_dims(args.d, [&](auto dims) {
+          constexpr int D = decltype(dims)::value;
+          forward_kernel<T, D, scalar_t><<<blocks, kThreads, 0, stream>>>(
+              chain_ref<T, D, scalar_t>(args.fields, args.batch), chain_ref<T, D, scalar_t>(ba_ab, args.batch),
+              args.points<T, D>(), args.batch, partial);
+        });
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+
+  static std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> loss_backward(
+      const PairArgs& args, const at::Tensor& grad, const std::vector<bool>& needs_ab,
+      const std::vector<bool>& needs_ba) {
+    const c10::cuda::CUDAGuard guard(args.fields[0].device());
+    const auto grad_ab = gradient_buffers(args.ab, needs_ab), grad_ba = gradient_buffers(args.ba, needs_ba);
+    const int64_t work = args.batch * args.num_points;
+    if (work == 0) return {grad_ab, grad_ba};
+    const at::Tensor grad_loss = loss_gradient(grad, args.fields[0]);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     // The two compositions: φ_AB∘φ_BA (AB's fields outermost) and φ_BA∘φ_AB.
     for (int direction = 0; direction < 2; ++direction) {
@@ -109,7 +105,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> icon_loss_backward_
       const int reverse_count = backward_count(needs, false);
       if (reverse_count == 0) continue;
       const uint32_t aggregate = aggregation_mask(fields, args.count.back());
-      GF_CUDA_DISPATCH(chain_ab[0].scalar_type(), "icon_loss_backward_cuda", [&] {
+      GF_CUDA_DISPATCH(args.fields[0].scalar_type(), "icon_loss_backward_cuda", [&] {
         using T = compute_t<scalar_t>;
         dispatch_dims(args.d, [&](auto dims) {
           constexpr int D = decltype(dims)::value;
@@ -121,15 +117,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> icon_loss_backward_
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
+    return {grad_ab, grad_ba};
   }
-  return {returned_gradients(grad_ab, args.ab), returned_gradients(grad_ba, args.ba)};
-}
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) {
-  m.impl("icon_loss", &icon_loss_cuda);
-  m.impl("icon_loss_backward", &icon_loss_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) { entry::register_icon<Kernels>(m); }
 
 }  // namespace gradicon_fast::cuda

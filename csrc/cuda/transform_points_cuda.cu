@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "../op_entries.h"
 #include "cuda_common.cuh"
 
 namespace gradicon_fast::cuda {
@@ -51,80 +52,72 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::Tensor transform_points_cuda(at::TensorList chain, const at::Tensor& points) {
-  const TransformArgs args = prepare_transform(chain, points, at::kCUDA);
-  const c10::cuda::CUDAGuard guard(args.points.device());
-  at::Tensor out = at::empty(args.full_shape, args.points.options());
-  const int64_t work = args.batch * args.n;
-  if (work == 0) return out;
-  const int64_t x_batch_stride = args.points.size(0) == 1 ? 0 : args.d * args.n;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  GF_CUDA_DISPATCH(args.points.scalar_type(), "transform_points_cuda", [&] {
-    using T = compute_t<scalar_t>;
-    const scalar_t* x = args.points.data_ptr<scalar_t>();
-    scalar_t* y = out.data_ptr<scalar_t>();
-    dispatch_dims(args.d, [&](auto dims) {
-      constexpr int D = decltype(dims)::value;
-      forward_kernel<T, D, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
-          chain_ref<T, D, scalar_t>(args.fields, args.batch), x, x_batch_stride, y, args.batch, args.n);
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
+struct Kernels {
+  static constexpr c10::DeviceType kDevice = at::kCUDA;
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> transform_points_backward_cuda(
-    const at::Tensor& grad_in, at::TensorList chain, const at::Tensor& points,
-    const c10::List<bool>& chain_needs_grad, bool points_needs_grad) {
-  const TransformArgs args = prepare_transform(chain, points, at::kCUDA);
-  const std::vector<bool> needs = checked_mask(chain_needs_grad, chain.size(), "chain_needs_grad");
-  const at::Tensor grad = output_gradient(grad_in, args.full_shape, chain[0]);
-  const c10::cuda::CUDAGuard guard(args.points.device());
-  const auto grads = gradient_buffers(args.fields, needs);
-  at::Tensor grad_points = points_needs_grad ? at::empty(args.full_shape, args.points.options().dtype(
-                                                                               compute_dtype(args.points.scalar_type())))
-                                             : at::Tensor();
-  const int reverse_count = backward_count(needs, points_needs_grad);
-  const int64_t work = args.batch * args.n;
-  if (reverse_count > 0 && work > 0) {
+  static at::Tensor forward(const TransformArgs& args) {
+    const c10::cuda::CUDAGuard guard(args.points.device());
+    at::Tensor out = at::empty(args.full_shape, args.points.options());
+    const int64_t work = args.batch * args.n;
+    if (work == 0) return out;
     const int64_t x_batch_stride = args.points.size(0) == 1 ? 0 : args.d * args.n;
-    // Points laid out as a grid (B, d, *S): consecutive threads walk its last axis. Any other
-    // layout: judge by the density, as if the points were a grid of n points.
-    const int64_t along = args.points.dim() == args.d + 2
-                              ? args.points.size(-1)
-                              : static_cast<int64_t>(std::pow(static_cast<double>(args.n), 1.0 / args.d));
-    const uint32_t aggregate = aggregation_mask(args.fields, along);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    GF_CUDA_DISPATCH(args.points.scalar_type(), "transform_points_backward_cuda", [&] {
+    GF_CUDA_DISPATCH(args.points.scalar_type(), "transform_points_cuda", [&] {
       using T = compute_t<scalar_t>;
       const scalar_t* x = args.points.data_ptr<scalar_t>();
-      const scalar_t* gy = grad.data_ptr<scalar_t>();
-      T* gx = points_needs_grad ? grad_points.data_ptr<T>() : nullptr;
+      scalar_t* y = out.data_ptr<scalar_t>();
       dispatch_dims(args.d, [&](auto dims) {
         constexpr int D = decltype(dims)::value;
-        backward_kernel<T, D, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
-            chain_ref<T, D, scalar_t>(args.fields, grads, args.batch),
-            chain_ref<T, D, scalar_t>(args.fields, grads, args.batch, reverse_count), aggregate, x, x_batch_stride, gy,
-            gx, args.batch, args.n);
+        forward_kernel<T, D, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+            chain_ref<T, D, scalar_t>(args.fields, args.batch), x, x_batch_stride, y, args.batch, args.n);
       });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  } else if (points_needs_grad) {
-    grad_points.zero_();  // no work: an empty (or zero-size) gradient
+    return out;
   }
-  at::Tensor returned_points = no_gradient(args.points);
-  if (points_needs_grad) {
-    if (args.points.size(0) != args.batch) grad_points = grad_points.sum(0, true);
-    returned_points = as_dtype_of(grad_points, args.points);
+
+  static std::tuple<std::vector<at::Tensor>, at::Tensor> backward(const TransformArgs& args, const at::Tensor& grad,
+                                                                  const std::vector<bool>& needs,
+                                                                  bool points_needs_grad) {
+    const c10::cuda::CUDAGuard guard(args.points.device());
+    const auto grads = gradient_buffers(args.fields, needs);
+    at::Tensor grad_points = points_needs_grad ? at::empty(args.full_shape, args.points.options().dtype(
+                                                                                 compute_dtype(args.points.scalar_type())))
+                                               : at::Tensor();
+    const int reverse_count = backward_count(needs, points_needs_grad);
+    const int64_t work = args.batch * args.n;
+    if (reverse_count > 0 && work > 0) {
+      const int64_t x_batch_stride = args.points.size(0) == 1 ? 0 : args.d * args.n;
+      // Points laid out as a grid (B, d, *S): consecutive threads walk its last axis. Any other
+      // layout: judge by the density, as if the points were a grid of n points.
+      const int64_t along = args.points.dim() == args.d + 2
+                                ? args.points.size(-1)
+                                : static_cast<int64_t>(std::pow(static_cast<double>(args.n), 1.0 / args.d));
+      const uint32_t aggregate = aggregation_mask(args.fields, along);
+      cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+      GF_CUDA_DISPATCH(args.points.scalar_type(), "transform_points_backward_cuda", [&] {
+        using T = compute_t<scalar_t>;
+        const scalar_t* x = args.points.data_ptr<scalar_t>();
+        const scalar_t* gy = grad.data_ptr<scalar_t>();
+        T* gx = points_needs_grad ? grad_points.data_ptr<T>() : nullptr;
+        dispatch_dims(args.d, [&](auto dims) {
+          constexpr int D = decltype(dims)::value;
+          backward_kernel<T, D, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+              chain_ref<T, D, scalar_t>(args.fields, grads, args.batch),
+              chain_ref<T, D, scalar_t>(args.fields, grads, args.batch, reverse_count), aggregate, x, x_batch_stride,
+              gy, gx, args.batch, args.n);
+        });
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    } else if (points_needs_grad) {
+      grad_points.zero_();  // no work: an empty (or zero-size) gradient
+    }
+    return {grads, grad_points};
   }
-  return {returned_gradients(grads, args.fields), returned_points};
-}
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) {
-  m.impl("transform_points", &transform_points_cuda);
-  m.impl("transform_points_backward", &transform_points_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) { entry::register_transform_points<Kernels>(m); }
 
 }  // namespace gradicon_fast::cuda

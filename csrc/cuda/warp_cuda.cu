@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../warp_grid.h"
+#include "../op_entries.h"
 #include "cuda_common.cuh"
 
 namespace gradicon_fast::cuda {
@@ -18,14 +19,11 @@ __global__ void __launch_bounds__(kThreads)
   const int channels = image.channels;
   for (int64_t q = global_thread(); q < batch * n; q += grid_threads()) {
     const int64_t b = q / n, p = q - b * n;
-    T y[1][D];
-    grid_point(grid, p, y);
-    chain_forward<T, D, 1>(chain, b, y, nullptr);
-    const Cell<T, D> c = locate_in(image, y[0]);
+    const WarpSample<T, D> s = warp_sample(chain, image, grid, b, p);
     const S* data = image.data + b * image.batch_stride;
-    const T z = poison(y);
     for (int ch = 0; ch < channels; ++ch) {
-      out[(b * channels + ch) * n + p] = store_as<S>(interpolate<T>(data + ch * image.channel_stride, c) + z);
+      const T v = interpolate<T>(data + ch * image.channel_stride, s.cell) + s.poison;
+      out[(b * channels + ch) * n + p] = store_as<S>(v);
     }
   }
 }
@@ -90,67 +88,62 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::Tensor warp_cuda(const at::Tensor& image, at::TensorList chain, at::IntArrayRef shape) {
-  const WarpArgs args = prepare_warp(image, chain, shape, at::kCUDA);
-  const c10::cuda::CUDAGuard guard(args.image.device());
-  at::Tensor out = at::empty(args.out_shape, args.image.options());
-  const int64_t work = args.batch * args.grid_points;
-  if (work == 0) return out;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  GF_CUDA_DISPATCH(args.image.scalar_type(), "warp_cuda", [&] {
-    using T = compute_t<scalar_t>;
-    dispatch_dims(args.d, [&](auto dims) {
-      constexpr int D = decltype(dims)::value;
-      forward_kernel<T, D, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
-          chain_ref<T, D, scalar_t>(args.fields, args.batch),
-          field_ref<T, D, scalar_t>(args.image, at::Tensor(), args.batch), make_grid<D>(shape),
-          out.data_ptr<scalar_t>(), args.batch);
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
+struct Kernels {
+  static constexpr c10::DeviceType kDevice = at::kCUDA;
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> warp_backward_cuda(const at::Tensor& grad_in, const at::Tensor& image,
-                                                                   at::TensorList chain, at::IntArrayRef shape,
-                                                                   bool image_needs_grad,
-                                                                   const c10::List<bool>& chain_needs_grad) {
-  const WarpArgs args = prepare_warp(image, chain, shape, at::kCUDA);
-  const std::vector<bool> needs = checked_mask(chain_needs_grad, chain.size(), "chain_needs_grad");
-  const at::Tensor grad = output_gradient(grad_in, args.out_shape, chain[0]);
-  const c10::cuda::CUDAGuard guard(args.image.device());
-  const auto grads = gradient_buffers(args.fields, needs);
-  at::Tensor grad_image =
-      image_needs_grad ? at::zeros(args.image.sizes(), args.image.options().dtype(compute_dtype(args.image.scalar_type())))
-                       : at::Tensor();
-  const int reverse_count = backward_count(needs, false);
-  const int64_t work = args.batch * args.grid_points;
-  if ((reverse_count > 0 || image_needs_grad) && work > 0) {
-    const uint32_t aggregate = aggregation_mask(args.fields, shape.back());
-    const bool aggregate_image = coarse_for(args.image, shape.back());
+  static at::Tensor forward(const WarpArgs& args, at::IntArrayRef shape) {
+    const c10::cuda::CUDAGuard guard(args.image.device());
+    at::Tensor out = at::empty(args.out_shape, args.image.options());
+    const int64_t work = args.batch * args.grid_points;
+    if (work == 0) return out;
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    GF_CUDA_DISPATCH(args.image.scalar_type(), "warp_backward_cuda", [&] {
+    GF_CUDA_DISPATCH(args.image.scalar_type(), "warp_cuda", [&] {
       using T = compute_t<scalar_t>;
       dispatch_dims(args.d, [&](auto dims) {
         constexpr int D = decltype(dims)::value;
-        backward_kernel<T, D, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
-            chain_ref<T, D, scalar_t>(args.fields, grads, args.batch),
-            chain_ref<T, D, scalar_t>(args.fields, grads, args.batch, reverse_count), aggregate,
-            field_ref<T, D, scalar_t>(args.image, grad_image, args.batch), aggregate_image, make_grid<D>(shape),
-            grad.data_ptr<scalar_t>(), args.batch);
+        forward_kernel<T, D, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+            chain_ref<T, D, scalar_t>(args.fields, args.batch),
+            field_ref<T, D, scalar_t>(args.image, at::Tensor(), args.batch), make_grid<D>(shape),
+            out.data_ptr<scalar_t>(), args.batch);
       });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    return out;
   }
-  return {image_needs_grad ? as_dtype_of(grad_image, args.image) : no_gradient(args.image),
-          returned_gradients(grads, args.fields)};
-}
+
+  static std::tuple<at::Tensor, std::vector<at::Tensor>> backward(const WarpArgs& args, const at::Tensor& grad,
+                                                                  at::IntArrayRef shape, bool image_needs_grad,
+                                                                  const std::vector<bool>& needs) {
+    const c10::cuda::CUDAGuard guard(args.image.device());
+    const auto grads = gradient_buffers(args.fields, needs);
+    at::Tensor grad_image = image_needs_grad ? at::zeros(args.image.sizes(), args.image.options().dtype(
+                                                                                 compute_dtype(args.image.scalar_type())))
+                                             : at::Tensor();
+    const int reverse_count = backward_count(needs, false);
+    const int64_t work = args.batch * args.grid_points;
+    if ((reverse_count > 0 || image_needs_grad) && work > 0) {
+      const uint32_t aggregate = aggregation_mask(args.fields, shape.back());
+      const bool aggregate_image = coarse_for(args.image, shape.back());
+      cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+      GF_CUDA_DISPATCH(args.image.scalar_type(), "warp_backward_cuda", [&] {
+        using T = compute_t<scalar_t>;
+        dispatch_dims(args.d, [&](auto dims) {
+          constexpr int D = decltype(dims)::value;
+          backward_kernel<T, D, scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+              chain_ref<T, D, scalar_t>(args.fields, grads, args.batch),
+              chain_ref<T, D, scalar_t>(args.fields, grads, args.batch, reverse_count), aggregate,
+              field_ref<T, D, scalar_t>(args.image, grad_image, args.batch), aggregate_image, make_grid<D>(shape),
+              grad.data_ptr<scalar_t>(), args.batch);
+        });
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    return {grad_image, grads};
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) {
-  m.impl("warp", &warp_cuda);
-  m.impl("warp_backward", &warp_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) { entry::register_warp<Kernels>(m); }
 
 }  // namespace gradicon_fast::cuda
