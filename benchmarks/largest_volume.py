@@ -106,9 +106,13 @@ def gradicon_fast_leanest(size: int, limit_bytes: int, launcher: list[str]) -> d
     config = TrainConfig(batch_size=1, device="cpu")
     leanest = candidates(config)[-1]
     result = probe(_model(size), leanest, config, limit_bytes, launcher=launcher)
-    return {"size": size, "fits": result.fits, "need_bytes": result.need_bytes,
-            "more_than_bytes": result.more_than_bytes, "step_seconds": result.seconds,
-            "configuration": leanest.describe(config)}
+    out = {"size": size, "fits": result.fits, "need_bytes": result.need_bytes,
+           "more_than_bytes": result.more_than_bytes, "step_seconds": result.seconds,
+           "configuration": leanest.describe(config)}
+    if result.more_than_bytes is not None and result.more_than_bytes < limit_bytes:
+        # the probe's limit is capped by the memory the machine had free: no verdict about the limit
+        out["inconclusive"] = "stopped below the limit: the machine had less memory free"
+    return out
 
 
 def gradicon_fast_choice(size: int, limit_bytes: int, launcher: list[str]) -> dict:
