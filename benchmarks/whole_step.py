@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch threads of every process (default 2)")
     p.add_argument("--lock", default=None, help="run every process under `flock LOCK` (machines shared by big jobs)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed to each process")
-    p.add_argument("--output", type=Path, default=None, help="results JSON (default benchmarks/results/<device>-steps.json)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="results JSON (default benchmarks/results/<device>-steps.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
               "config": {"size": args.size, "steps": args.steps, "rounds": args.rounds, "threads": args.threads,
                          "phases": args.phases, "settings": {s: {k: str(v) for k, v in SETTINGS[s].items()}
                                                              for s in args.settings},
-                         "command": " ".join(["python -m benchmarks steps"] + (sys.argv[2:] if argv is None else argv))},
+                         "command": " ".join(["python -m benchmarks steps"]
+                                             + (sys.argv[2:] if argv is None else argv))},
               "runs": []}
     output = args.output or RESULTS_DIR / f"{result['device']}-steps.json"
     output.parent.mkdir(parents=True, exist_ok=True)

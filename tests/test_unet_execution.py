@@ -85,7 +85,8 @@ def test_channels_last_agrees_with_contiguous():
     field_cl, grads_cl, net_cl = run(True)
     assert field_cl.is_contiguous()  # the fused ops get the usual layout
     assert net_cl.downConvs[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
-    torch.testing.assert_close(field_cl.detach(), field.detach(), rtol=1e-5, atol=1e-6 * float(field.detach().abs().max()))
+    field, field_cl = field.detach(), field_cl.detach()
+    torch.testing.assert_close(field_cl, field, rtol=1e-5, atol=1e-6 * float(field.abs().max()))
     for name, grad in grads.items():
         if name.startswith(("downConvs", "upConvs")) and name.endswith("bias"):
             continue  # biases before a BatchNorm: zero up to rounding
