@@ -2,11 +2,10 @@
 // (ops.cpp), checks and prepares them (op_args.h, penalty_args.h) and hands them to a backend's
 // kernels. `K` is the kernel set of an op file (cpu/<op>_cpu.cpp, cuda/<op>_cuda.cu): a struct with
 // the backend's device type as K::kDevice and the functions called below; the op file registers
-// it for its dispatch key with the register_* function of its ops (at the end).
+// entry::<op><K> for its dispatch key.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <tuple>
 #include <vector>
@@ -132,39 +131,6 @@ std::tuple<Grads, Grads> icon_loss_backward(const at::Tensor& grad, at::TensorLi
   check_on(grad, "grad", chain_ab[0]);
   auto [grad_ab, grad_ba] = K::loss_backward(args, grad, needs_ab, needs_ba);
   return {returned_gradients(grad_ab, args.ab), returned_gradients(grad_ba, args.ba)};
-}
-
-// ---- registration: the ops of one op file, for the dispatch key of `m` -------------------------
-
-template <class K>
-void register_transform_points(torch::Library& m) {
-  m.impl("transform_points", &transform_points<K>);
-  m.impl("transform_points_backward", &transform_points_backward<K>);
-}
-
-template <class K>
-void register_warp(torch::Library& m) {
-  m.impl("warp", &warp<K>);
-  m.impl("warp_backward", &warp_backward<K>);
-}
-
-template <class K>
-void register_gradicon(torch::Library& m) {
-  m.impl("gradicon_loss", &gradicon_loss<K>);
-  m.impl("gradicon_loss_backward", &gradicon_loss_backward<K>);
-  m.impl("gradicon_loss_and_grad", &gradicon_loss_and_grad<K>);
-}
-
-template <class K>
-void register_gradicon_analytic(torch::Library& m) {
-  m.impl("gradicon_analytic_loss", &gradicon_analytic_loss<K>);
-  m.impl("gradicon_analytic_loss_backward", &gradicon_analytic_loss_backward<K>);
-}
-
-template <class K>
-void register_icon(torch::Library& m) {
-  m.impl("icon_loss", &icon_loss<K>);
-  m.impl("icon_loss_backward", &icon_loss_backward<K>);
 }
 
 }  // namespace gradicon_fast::entry

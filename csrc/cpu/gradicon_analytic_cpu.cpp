@@ -87,6 +87,9 @@ struct Kernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) { entry::register_gradicon_analytic<Kernels>(m); }
+TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) {
+  m.impl("gradicon_analytic_loss", &entry::gradicon_analytic_loss<Kernels>);
+  m.impl("gradicon_analytic_loss_backward", &entry::gradicon_analytic_loss_backward<Kernels>);
+}
 
 }  // namespace gradicon_fast::cpu

@@ -114,6 +114,9 @@ struct Kernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) { entry::register_icon<Kernels>(m); }
+TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) {
+  m.impl("icon_loss", &entry::icon_loss<Kernels>);
+  m.impl("icon_loss_backward", &entry::icon_loss_backward<Kernels>);
+}
 
 }  // namespace gradicon_fast::cpu

@@ -82,6 +82,9 @@ struct Kernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) { entry::register_transform_points<Kernels>(m); }
+TORCH_LIBRARY_IMPL(gradicon_fast, CPU, m) {
+  m.impl("transform_points", &entry::transform_points<Kernels>);
+  m.impl("transform_points_backward", &entry::transform_points_backward<Kernels>);
+}
 
 }  // namespace gradicon_fast::cpu

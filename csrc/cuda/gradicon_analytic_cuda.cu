@@ -95,6 +95,9 @@ struct Kernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) { entry::register_gradicon_analytic<Kernels>(m); }
+TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) {
+  m.impl("gradicon_analytic_loss", &entry::gradicon_analytic_loss<Kernels>);
+  m.impl("gradicon_analytic_loss_backward", &entry::gradicon_analytic_loss_backward<Kernels>);
+}
 
 }  // namespace gradicon_fast::cuda

@@ -127,6 +127,10 @@ struct Kernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) { entry::register_gradicon<Kernels>(m); }
+TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) {
+  m.impl("gradicon_loss", &entry::gradicon_loss<Kernels>);
+  m.impl("gradicon_loss_backward", &entry::gradicon_loss_backward<Kernels>);
+  m.impl("gradicon_loss_and_grad", &entry::gradicon_loss_and_grad<Kernels>);
+}
 
 }  // namespace gradicon_fast::cuda

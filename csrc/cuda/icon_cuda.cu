@@ -123,6 +123,9 @@ struct Kernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) { entry::register_icon<Kernels>(m); }
+TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) {
+  m.impl("icon_loss", &entry::icon_loss<Kernels>);
+  m.impl("icon_loss_backward", &entry::icon_loss_backward<Kernels>);
+}
 
 }  // namespace gradicon_fast::cuda

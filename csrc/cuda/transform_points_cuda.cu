@@ -118,6 +118,9 @@ struct Kernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) { entry::register_transform_points<Kernels>(m); }
+TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) {
+  m.impl("transform_points", &entry::transform_points<Kernels>);
+  m.impl("transform_points_backward", &entry::transform_points_backward<Kernels>);
+}
 
 }  // namespace gradicon_fast::cuda

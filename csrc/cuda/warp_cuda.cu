@@ -144,6 +144,9 @@ struct Kernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) { entry::register_warp<Kernels>(m); }
+TORCH_LIBRARY_IMPL(gradicon_fast, CUDA, m) {
+  m.impl("warp", &entry::warp<Kernels>);
+  m.impl("warp_backward", &entry::warp_backward<Kernels>);
+}
 
 }  // namespace gradicon_fast::cuda
