@@ -232,6 +232,20 @@ def fast_defaults(module: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
+def full_precision(module: nn.Module):
+    """Within the block, every U-Net step of ``module`` runs in float32 in the usual layout
+    (checkpointing unchanged); each step's own settings are restored afterwards."""
+    steps = displacement_fields(module)
+    saved = [(s.amp_dtype, s.channels_last) for s in steps]
+    configure(module, amp_dtype=None, channels_last=False)
+    try:
+        yield module
+    finally:
+        for step, (amp_dtype, channels_last) in zip(steps, saved):
+            configure(step, amp_dtype=amp_dtype, channels_last=channels_last)
+
+
+@contextlib.contextmanager
 def fast_defaults_while_plain(module: nn.Module):
     """Within the block, :func:`fast_defaults` for a ``module`` whose U-Nets are at the plain settings
     (float32, no checkpointing, usual layout); a module configured otherwise is left as it is.

@@ -13,6 +13,7 @@ import copy
 import torch
 
 from ..nn import GradICON
+from ..nn.networks import full_precision
 
 
 def instance_optimize(model: GradICON, image_A: torch.Tensor, image_B: torch.Tensor, *, steps: int = 50,
@@ -41,14 +42,19 @@ def instance_optimize(model: GradICON, image_A: torch.Tensor, image_B: torch.Ten
             p.grad = None
         with torch.enable_grad():
             for _ in range(steps):
-                optimizer.zero_grad(set_to_none=True)
-                terms = model(image_A, image_B, generator=generator, mask_A=mask_A, mask_B=mask_B)
-                if not torch.isfinite(terms.total):
-                    raise FloatingPointError(f"instance optimisation: non-finite loss after {len(losses)} steps "
-                                             f"(similarity {float(terms.similarity.detach())}, "
-                                             f"regularization {float(terms.regularization.detach())})")
-                losses.append(float(terms.total.detach()))
-                terms.total.backward()
+                random_state = _random_state(generator, image_A.device)
+                losses.append(_loss_and_gradients(model, optimizer, image_A, image_B, generator, mask_A, mask_B,
+                                                  len(losses)))
+                if not _gradients_finite(params):
+                    # bfloat16 channels-last convolutions on the CPU (oneDNN) now and then give NaN weight
+                    # gradients although the loss is finite; the step is redone in float32 with the same noise.
+                    _restore_random_state(generator, image_A.device, random_state)
+                    with full_precision(model):
+                        _loss_and_gradients(model, optimizer, image_A, image_B, generator, mask_A, mask_B,
+                                            len(losses) - 1)
+                    if not _gradients_finite(params):
+                        raise FloatingPointError(f"instance optimisation: non-finite gradients at step "
+                                                 f"{len(losses)} although the loss is finite ({losses[-1]})")
                 optimizer.step()
         with torch.no_grad():
             result = model.register(image_A, image_B).detach()
@@ -61,3 +67,36 @@ def instance_optimize(model: GradICON, image_A: torch.Tensor, image_B: torch.Ten
         for p, g in saved_grads.items():
             p.grad = g
     return (result, losses) if return_losses else result
+
+
+def _loss_and_gradients(model, optimizer, image_A, image_B, generator, mask_A, mask_B, done: int) -> float:
+    """Zeroes the gradients, then one forward and backward pass of the objective; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    terms = model(image_A, image_B, generator=generator, mask_A=mask_A, mask_B=mask_B)
+    if not torch.isfinite(terms.total):
+        raise FloatingPointError(f"instance optimisation: non-finite loss after {done} steps "
+                                 f"(similarity {float(terms.similarity.detach())}, "
+                                 f"regularization {float(terms.regularization.detach())})")
+    terms.total.backward()
+    return float(terms.total.detach())
+
+
+def _gradients_finite(params) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
+
+
+def _random_state(generator: torch.Generator | None, device: torch.device):
+    """What draws the penalty's random points: the generator's state, else the global one of ``device``."""
+    if generator is not None:
+        return generator.get_state()
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _restore_random_state(generator: torch.Generator | None, device: torch.device, state) -> None:
+    if generator is not None:
+        generator.set_state(state)
+    elif device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
