@@ -249,6 +249,18 @@ DIRECT_CASES = [
     ("normal_noise_ rank", lambda o: o.normal_noise_(torch.empty(1, 2), 0), r"out"),
     ("normal_noise_ non-contiguous", lambda o: o.normal_noise_(torch.empty(1, 2, 5, 4).transpose(2, 3), 0),
      r"contiguous"),
+    ("gradicon batch size 0", lambda o: o.gradicon_loss([field(0)], [F2], [4, 5], 1, None, 0, 1e-3, 0.1),
+     r"chain_AB.*batch size 0"),
+    ("icon batch size 0", lambda o: o.icon_loss([F2], [field(0)], [4, 5], None, 0, 0.1), r"chain_BA.*batch size 0"),
+    ("analytic batch size 0", lambda o: o.gradicon_analytic_loss([field(0)], [F2], [4, 5], 1, None, 0, 0.1),
+     r"chain_AB.*batch size 0"),
+    ("warp image batch size 0", lambda o: o.warp(image(0), [F2], [4, 5]), r"image.*batch size 0"),
+    ("warp image size 0", lambda o: o.warp(image(shape=(0, 5)), [F2], [4, 5]), r"image.*spatial size"),
+    ("points batch size 0", lambda o: o.transform_points([F2], points(0)), r"points.*batch size 0"),
+    ("warp_backward grad dtype", lambda o: o.warp_backward(torch.zeros(1, 1, 4, 5, dtype=torch.float64), image(),
+                                                           [F2], [4, 5], True, [True]), r"grad.*dtype"),
+    ("transform_points_backward grad dtype", lambda o: o.transform_points_backward(
+        torch.zeros(1, 2, 6, dtype=torch.float64), [F2], P2, [True], True), r"grad.*dtype"),
 ]
 
 
