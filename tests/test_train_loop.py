@@ -16,9 +16,9 @@ import torch
 import gradicon_fast as gf
 import gradicon_fast.nn as gnn
 from gradicon_fast.data import SyntheticPairDataset
-from gradicon_fast.train import (NonFiniteLossError, PairStreamSampler, TrainConfig, Trainer, augment_pair,
-                                 instance_optimize, latest_checkpoint, list_checkpoints, random_signed_permutation,
-                                 train_two_stage)
+from gradicon_fast.train import (NonFiniteGradientError, NonFiniteLossError, PairStreamSampler, TrainConfig, Trainer,
+                                 augment_pair, instance_optimize, latest_checkpoint, list_checkpoints,
+                                 random_signed_permutation, train_two_stage)
 
 SHAPE = (24, 16)
 REPO = Path(__file__).resolve().parents[1]
@@ -269,3 +269,24 @@ def test_instance_optimization_restores_weights():
     del model.forward
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_non_finite_gradients_stop_before_the_step(tmp_path):
+    # a finite loss with NaN weight gradients (as bfloat16 channels-last convolutions on the CPU now and
+    # then give): the step is not taken, and the last checkpoint keeps finite weights
+    model = tiny_model()
+    trainer = Trainer(model, dataset(), tmp_path, tiny_config(steps=4, checkpoint_every=2))
+    weight = next(p for p in model.parameters() if p.ndim == 4)
+    calls = {"n": 0}
+
+    def poison_third_step(grad):
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] == 3 * trainer.config.accumulate else grad
+
+    weight.register_hook(poison_third_step)
+    with pytest.raises(NonFiniteGradientError, match=r"non-finite gradients at step 3 .*weight") as info:
+        trainer.fit()
+    assert info.value.step == 3 and trainer.step == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    path = latest_checkpoint(tmp_path / "checkpoints")
+    assert path.name == "checkpoint_00000002.pt"

@@ -14,10 +14,12 @@ from .distributed import DistEnv, cleanup, init_distributed
 from .instance_optimization import instance_optimize
 from .memory_budget import MemoryBudgetError, MemoryChoice, choose_configuration, parse_size
 from .sampler import PairStreamSampler
-from .trainer import NonFiniteLossError, TrainConfig, Trainer, micro_batch_seed, train, train_two_stage
+from .trainer import (NonFiniteGradientError, NonFiniteLossError, TrainConfig, Trainer, micro_batch_seed, train,
+                      train_two_stage)
 
 __all__ = [
-    "DistEnv", "MemoryBudgetError", "MemoryChoice", "NonFiniteLossError", "PairStreamSampler", "TrainConfig",
+    "DistEnv", "MemoryBudgetError", "MemoryChoice", "NonFiniteGradientError", "NonFiniteLossError",
+    "PairStreamSampler", "TrainConfig",
     "Trainer", "affine_displacement", "atomic_save", "augment_pair", "choose_configuration", "cleanup",
     "init_distributed", "instance_optimize", "latest_checkpoint", "list_checkpoints", "micro_batch_seed",
     "parse_size", "random_signed_permutation", "train", "train_two_stage",

@@ -57,6 +57,17 @@ class NonFiniteLossError(RuntimeError):
                          f"stopped without saving this step (the last checkpoint is intact)")
 
 
+class NonFiniteGradientError(RuntimeError):
+    """Training hit NaN/inf gradients with a finite loss; the step was not taken and nothing was saved."""
+
+    def __init__(self, step: int, names: list):
+        self.step = step
+        self.names = names
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        super().__init__(f"non-finite gradients at step {step} although the loss is finite ({shown}); stopped "
+                         f"without taking or saving this step (the last checkpoint is intact)")
+
+
 @dataclass
 class TrainConfig:
     """Training options. ``steps`` is the total number of optimiser steps (a resumed run continues
@@ -325,6 +336,12 @@ class Trainer:
                     raise NonFiniteLossError(step, {n: float(v) for n, v in zip(TERMS, check / env.world_size)})
                 (terms.total / len(batches)).backward()
             sums += values
+        # Before the step, so that no NaN reaches the weights or a checkpoint (bfloat16 channels-last
+        # convolutions on the CPU now and then give NaN weight gradients with a finite loss).
+        graded = [(name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None]
+        finite = torch.stack([g.isfinite().all() for _, g in graded]) if graded else torch.ones(0, dtype=torch.bool)
+        if not bool(finite.all()):
+            raise NonFiniteGradientError(step, [name for (name, _), ok in zip(graded, finite.tolist()) if not ok])
         self.optimizer.step()
         self.step = step
         all_reduce_sum(sums, env)
