@@ -60,9 +60,9 @@ class SyntheticPair:
 
 
 def dice(a: torch.Tensor, b: torch.Tensor, num_labels: int) -> float:
-    """Mean Dice over labels 1..num_labels of two label maps (docs/conventions.md §4), labels absent
-    from both skipped."""
-    scores = dice_per_label(a, b, num_labels)[0]
+    """Mean Dice over labels 1..num_labels of two label maps of any (equal) shape (docs/conventions.md §4),
+    labels absent from both skipped."""
+    scores = dice_per_label(a.reshape(1, -1), b.reshape(1, -1), num_labels)[0]
     present = scores[~torch.isnan(scores)]
     return float(present.mean()) if len(present) else float("nan")
 
