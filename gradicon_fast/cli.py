@@ -372,7 +372,9 @@ def _cmd_bench(args) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def _add_common(p, *, backend=True, threads=False):
+def _finish_subcommand(p, func, *, backend=True, threads=False):
+    """The options every subcommand shares (``--backend``, ``--threads`` where asked, ``--quiet``), and its handler."""
+    p.set_defaults(func=func)
     if backend:
         p.add_argument("--backend", choices=("auto", "cpu", "torch", "cuda", "triton"), default=None,
                        help="implementation of the ops (default: auto — fused kernels when available)")
@@ -486,8 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "voxels (default 2; 0: none)")
     g.add_argument("--seed", type=int, help="seed of the penalty's random points (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    _add_common(p, threads=True)
-    p.set_defaults(func=_cmd_register)
+    _finish_subcommand(p, _cmd_register, threads=True)
 
     p = sub.add_parser("warp", help="apply a transform to an image",
                        description="Resample MOVING on the grid of REFERENCE through TRANSFORM (a displacement field "
@@ -500,8 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_default_value(p)
     p.add_argument("--nearest", action="store_true", help="nearest-neighbour interpolation (label maps); keeps the "
                    "voxel type")
-    _add_common(p)
-    p.set_defaults(func=_cmd_warp)
+    _finish_subcommand(p, _cmd_warp)
 
     p = sub.add_parser("jacobian", help="Jacobian determinant and fold percentage of a transform",
                        description="Print the fold percentage (cells with negative Jacobian determinant, docs/conventions.md §4) of "
@@ -510,8 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="F", help="sample the transform on this image's grid (needed for "
                    "transforms that are not displacement fields)")
     p.add_argument("--out", metavar="J", help="Jacobian determinant image (.nii.gz, .nrrd, .mha)")
-    _add_common(p, backend=False)
-    p.set_defaults(func=_cmd_jacobian)
+    _finish_subcommand(p, _cmd_jacobian, backend=False)
 
     p = sub.add_parser("train", help="train the standard network (two-stage protocol)",
                        description="Train the paper's 4-step network on a folder of volumes with the paper's "
@@ -540,8 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(docs/training.md)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if RUN holds checkpoints")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    _add_common(p)
-    p.set_defaults(func=_cmd_train)
+    _finish_subcommand(p, _cmd_train)
 
     p = sub.add_parser("demo", help="register a brain template to a deformed copy and save a figure",
                        description="Register the MNI ICBM152 brain template (bundled in the nilearn package, which "
@@ -555,8 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", action="store_true",
                    help="register a built-in synthetic pair (textured body with labelled organs) instead: no data needed")
     p.add_argument("--seed", type=int, default=0)
-    _add_common(p, threads=True)
-    p.set_defaults(func=_cmd_demo)
+    _finish_subcommand(p, _cmd_demo, threads=True)
 
     p = sub.add_parser("bench", help="run the benchmark suite (python -m benchmarks)", add_help=False,
                        description="Run the benchmark runner of the source checkout; arguments are passed on.")
