@@ -193,7 +193,9 @@ def test_standard_network_training_step_compiled(rng):
     sides = [(compiled, model, torch.Generator().manual_seed(seed)), (twin, twin, torch.Generator().manual_seed(seed))]
     # SGD: Adam would turn the rounding-level gradients of the biases before BatchNorm into full steps
     optimizers = [torch.optim.SGD(m.parameters(), lr=1e-2) for _, m, _ in sides]
-    for _ in range(2):
+    # Bounds ten times the largest difference seen over 24 draws (the first step's gradients differ by
+    # up to 5e-5; after one SGD step from those, the second's by up to 1e-3): a wrong formula is O(1).
+    for gradient_bound in (1e-3, 1e-2):
         terms, grads = [], []
         for (run, module, generator), optimizer in zip(sides, optimizers):
             optimizer.zero_grad()
@@ -202,10 +204,10 @@ def test_standard_network_training_step_compiled(rng):
             terms.append(torch.stack(list(out)).detach())
             grads.append([p.grad for p in module.parameters()])
             optimizer.step()
-        torch.testing.assert_close(terms[0], terms[1], rtol=1e-5, atol=1e-6)
-        assert _relative_difference(*grads) < 1e-4
+        torch.testing.assert_close(terms[0], terms[1], rtol=1e-4, atol=1e-5)
+        assert _relative_difference(*grads) < gradient_bound
     for got, want in zip(model.buffers(), twin.buffers()):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
 
 
 def test_instance_optimization_with_compiled_model(rng):
