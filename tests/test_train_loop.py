@@ -271,19 +271,39 @@ def test_instance_optimization_restores_weights():
         assert torch.equal(v, before[k]), k
 
 
-def test_non_finite_gradients_stop_before_the_step(tmp_path):
-    # a finite loss with NaN weight gradients (as bfloat16 channels-last convolutions on the CPU now and
-    # then give): the step is not taken, and the last checkpoint keeps finite weights
+def poison_gradients_under_autocast(model, always=False):
+    """NaN gradients of one convolution weight whenever the U-Nets run under autocast (or always), with a
+    finite loss: what bfloat16 convolutions on the CPU now and then give."""
+    steps = gnn.displacement_fields(model)
+    weight = next(p for p in model.parameters() if p.ndim == 4)
+    weight.register_hook(lambda g: g * float("nan") if always or steps[0].amp_dtype is not None else g)
+
+
+def test_a_step_with_nan_gradients_is_redone_in_float32(tmp_path):
+    # every step's gradients are poisoned under autocast: each is redone in float32 with the same
+    # micro-batches and seeds, so the run ends with the float32 run's weights and statistics, bit for bit
+    poisoned = tiny_model()
+    poison_gradients_under_autocast(poisoned)
+    Trainer(poisoned, dataset(), tmp_path / "poisoned", tiny_config(steps=3, accumulate=2, amp=True)).fit()
+    assert gnn.displacement_fields(poisoned)[0].amp_dtype is not None  # the run's bfloat16 setting restored
+    plain = tiny_model()
+    Trainer(plain, dataset(), tmp_path / "plain", tiny_config(steps=3, accumulate=2)).fit()
+    want = plain.state_dict()
+    for k, v in poisoned.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
+def test_gradients_that_stay_non_finite_stop_before_the_step(tmp_path):
     model = tiny_model()
     trainer = Trainer(model, dataset(), tmp_path, tiny_config(steps=4, checkpoint_every=2))
     weight = next(p for p in model.parameters() if p.ndim == 4)
     calls = {"n": 0}
 
-    def poison_third_step(grad):
+    def poison_from_third_step(grad):
         calls["n"] += 1
-        return grad * float("nan") if calls["n"] == 3 * trainer.config.accumulate else grad
+        return grad * float("nan") if calls["n"] > 2 * trainer.config.accumulate else grad
 
-    weight.register_hook(poison_third_step)
+    weight.register_hook(poison_from_third_step)
     with pytest.raises(NonFiniteGradientError, match=r"non-finite gradients at step 3 .*weight") as info:
         trainer.fit()
     assert info.value.step == 3 and trainer.step == 2

@@ -52,18 +52,27 @@ def _keep_convolutions(ctx, func, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if func in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-@contextlib.contextmanager
-def _batchnorm_stats_restored(module: nn.Module):
+def batchnorm_stats(module: nn.Module):
+    """A copy of the BatchNorm running statistics inside ``module``; calling it puts them back."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+
+    @torch.no_grad()
+    def restore():
+        for m, mean, var, count in saved:
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+    return restore
+
+
+@contextlib.contextmanager
+def _batchnorm_stats_restored(module: nn.Module):
+    restore = batchnorm_stats(module)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, mean, var, count in saved:
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
+        restore()
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import torch
 
 from ..nn import GradICON
 from ..nn.networks import full_precision
+from .gradient_check import non_finite_gradients
 
 
 def instance_optimize(model: GradICON, image_A: torch.Tensor, image_B: torch.Tensor, *, steps: int = 50,
@@ -45,14 +46,14 @@ def instance_optimize(model: GradICON, image_A: torch.Tensor, image_B: torch.Ten
                 random_state = _random_state(generator, image_A.device)
                 losses.append(_loss_and_gradients(model, optimizer, image_A, image_B, generator, mask_A, mask_B,
                                                   len(losses)))
-                if not _gradients_finite(params):
+                if non_finite_gradients(model.named_parameters()):
                     # bfloat16 channels-last convolutions on the CPU (oneDNN) now and then give NaN weight
                     # gradients although the loss is finite; the step is redone in float32 with the same noise.
                     _restore_random_state(generator, image_A.device, random_state)
                     with full_precision(model):
                         _loss_and_gradients(model, optimizer, image_A, image_B, generator, mask_A, mask_B,
                                             len(losses) - 1)
-                    if not _gradients_finite(params):
+                    if non_finite_gradients(model.named_parameters()):
                         raise FloatingPointError(f"instance optimisation: non-finite gradients at step "
                                                  f"{len(losses)} although the loss is finite ({losses[-1]})")
                 optimizer.step()
@@ -79,11 +80,6 @@ def _loss_and_gradients(model, optimizer, image_A, image_B, generator, mask_A, m
                                  f"regularization {float(terms.regularization.detach())})")
     terms.total.backward()
     return float(terms.total.detach())
-
-
-def _gradients_finite(params) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
 
 def _random_state(generator: torch.Generator | None, device: torch.device):

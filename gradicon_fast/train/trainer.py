@@ -37,6 +37,9 @@ from .augment import augment_pair
 from .checkpoint import (atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint_file, prune_checkpoints,
                          rng_state, set_rng_state)
 from .distributed import DistEnv, all_reduce_sum, init_distributed
+from ..nn.networks import full_precision
+from ..nn.unet_execution import batchnorm_stats
+from .gradient_check import non_finite_gradients
 from .memory_budget import choose_configuration, format_size, parse_size
 from .sampler import PairStreamSampler
 
@@ -309,12 +312,10 @@ class Trainer:
         module = self.ddp if self.ddp is not None else self.model
         return module(image_A, image_B, generator=generator)
 
-    def train_step(self, batches) -> dict:
-        """One optimiser step over this rank's ``accumulate`` micro-batches; returns the mean terms
-        over all ranks' micro-batches (as floats)."""
+    def _accumulate_gradients(self, batches, step: int) -> torch.Tensor:
+        """Forward and backward passes of this rank's micro-batches (gradients zeroed first); returns
+        the sums of the terms."""
         cfg, env = self.config, self.dist
-        step = self.step + 1
-        (self.ddp if self.ddp is not None else self.model).train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(len(TERMS), dtype=torch.float64, device=self.device)
         for k, batch in enumerate(batches):
@@ -336,12 +337,25 @@ class Trainer:
                     raise NonFiniteLossError(step, {n: float(v) for n, v in zip(TERMS, check / env.world_size)})
                 (terms.total / len(batches)).backward()
             sums += values
-        # Before the step, so that no NaN reaches the weights or a checkpoint (bfloat16 channels-last
-        # convolutions on the CPU now and then give NaN weight gradients with a finite loss).
-        graded = [(name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None]
-        finite = torch.stack([g.isfinite().all() for _, g in graded]) if graded else torch.ones(0, dtype=torch.bool)
-        if not bool(finite.all()):
-            raise NonFiniteGradientError(step, [name for (name, _), ok in zip(graded, finite.tolist()) if not ok])
+        return sums
+
+    def train_step(self, batches) -> dict:
+        """One optimiser step over this rank's ``accumulate`` micro-batches; returns the mean terms
+        over all ranks' micro-batches (as floats)."""
+        cfg, env = self.config, self.dist
+        step = self.step + 1
+        (self.ddp if self.ddp is not None else self.model).train()
+        restore_batchnorm = batchnorm_stats(self.model)
+        sums = self._accumulate_gradients(batches, step)
+        if non_finite_gradients(self.model.named_parameters()):
+            # bfloat16 convolutions on the CPU now and then give NaN weight gradients with a finite loss:
+            # the step is redone in float32 (same micro-batch seeds, BatchNorm statistics as before it)
+            restore_batchnorm()
+            with full_precision(self.model):
+                sums = self._accumulate_gradients(batches, step)
+            bad = non_finite_gradients(self.model.named_parameters())  # no NaN reaches the weights or a checkpoint
+            if bad:
+                raise NonFiniteGradientError(step, bad)
         self.optimizer.step()
         self.step = step
         all_reduce_sum(sums, env)
