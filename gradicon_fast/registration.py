@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from . import functional as gfn
 from . import reference
-from .banded_smoothing import band_matrix, smooth_axes
 from .reduction import fixed_order_mean
 from .alignment import initial_alignment, overlap_fraction
 
@@ -105,6 +104,37 @@ def gaussian_taps(sigma: float, *, dtype=torch.float32) -> Tensor:
     return (w / w.sum()).to(dtype)
 
 
+def _band_matrix(size: int, taps: Tensor) -> Tensor:
+    """``G`` with ``(x @ G.T)[i] = Σ_t taps[t] x[i + t - r]`` and zeros beyond the ends (zero padding)."""
+    r = taps.numel() // 2
+    i = torch.arange(size)
+    offset = i[None, :] - i[:, None] + r
+    inside = (offset >= 0) & (offset < taps.numel())
+    return torch.where(inside, taps[offset.clamp(0, taps.numel() - 1)], torch.zeros((), dtype=taps.dtype))
+
+
+def _smooth_axes(x: Tensor, matrices: Sequence[Tensor]) -> Tensor:
+    """Apply ``matrices[k]`` along spatial axis k of ``(B, C, *S)``, without transposing copies: the
+    axis is the middle one of a ``(before, S_k, after)`` view, multiplied from the left; the last
+    axis, the last one of a ``(B·C·S_0, rows, S_last)`` view, multiplied from the right.
+
+    Every product is a batched one: torch's single 2D product (MKL sgemm) rounds differently with
+    the number of threads (measured: 1 against 3 threads), the batched ones were bit-identical for
+    1-8 threads (tests/test_reproducibility.py checks it)."""
+    shape = x.shape
+    spatial = shape[2:]
+    before = shape[0] * shape[1]
+    for k, m in enumerate(matrices):
+        after = math.prod(spatial[k + 1:])
+        if after == 1 and k > 0:
+            batch = shape[0] * shape[1] * spatial[0]
+            x = torch.bmm(x.reshape(batch, before // batch, spatial[k]), m.T.expand(batch, *m.shape)).reshape(shape)
+        else:
+            x = torch.matmul(m, x.reshape(before, spatial[k], after)).reshape(shape)
+        before *= spatial[k]
+    return x
+
+
 class GaussianBlur:
     """Separable Gaussian smoothing with docs/conventions.md §3's taps and zero padding, "same" size.
 
@@ -114,10 +144,10 @@ class GaussianBlur:
 
     def __init__(self, sigma: float, shape: Sequence[int], *, dtype=torch.float32, device=None):
         taps = gaussian_taps(sigma, dtype=dtype)
-        self.matrices = [band_matrix(s, taps).to(device) for s in shape]
+        self.matrices = [_band_matrix(s, taps).to(device) for s in shape]
 
     def __call__(self, x: Tensor) -> Tensor:
-        return smooth_axes(x, self.matrices)
+        return _smooth_axes(x, self.matrices)
 
 
 def lncc_loss(a: Tensor, b: Tensor, blur: GaussianBlur, *, squared: bool = False) -> Tensor:
@@ -154,9 +184,9 @@ def resize(x: Tensor, shape: Sequence[int], *, antialias: bool = True) -> Tensor
             mats = []
             for s, factor in zip(x.shape[2:], factors):
                 taps = gaussian_taps(0.5 * factor, dtype=x.dtype) if factor > 1.25 else torch.ones(1, dtype=x.dtype)
-                mats.append(band_matrix(s, taps).to(x.device))
+                mats.append(_band_matrix(s, taps).to(x.device))
             # normalised smoothing (divide by the blurred ones) so the borders keep their level
-            x = smooth_axes(x, mats) / smooth_axes(torch.ones_like(x[:1, :1]), mats)
+            x = _smooth_axes(x, mats) / _smooth_axes(torch.ones_like(x[:1, :1]), mats)
     return F.interpolate(x, size=shape, mode=_interp_mode(x.ndim - 2), align_corners=True)
 
 
