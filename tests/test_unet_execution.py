@@ -68,6 +68,55 @@ def test_selective_checkpointing_keeps_convolutions_and_recomputes_the_rest(mode
     assert ("convolution" in seen.ops) == convolutions_rerun
 
 
+class _OutputDtypes(TorchDispatchMode):
+    """The dtypes of each op's (first) output, by op name (BatchNorm's saved statistics stay float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(first, torch.Tensor) and first.is_floating_point():
+            self.dtypes.setdefault(func.overloadpacket.__name__, set()).add(first.dtype)
+        return out
+
+
+# The ops of the U-Net's residual stream, skips and decoder (not the convolutions' own casts).
+_STREAM_OPS = {"leaky_relu", "add", "cat", "upsample_trilinear3d", "upsample_bilinear2d"}
+
+
+@pytest.mark.parametrize("dimension, shape", [(3, (1, 2, 13, 8, 10)), (2, (2, 2, 11, 14))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_autocast_runs_the_whole_unet_in_its_dtype(dimension, shape, channels_last):
+    """Under bfloat16 autocast every op of the stream (sums, activations, upsampling, BatchNorm,
+    concatenations) outputs bfloat16, as the convolutions do; without autocast nothing does."""
+    torch.manual_seed(0)
+    net = TallUNet(dimension, 2, dimension, encoder_channels=(4, 8, 8), decoder_channels=(8, 4, 4)).train()
+    torch.nn.init.normal_(net.lastConv.weight, 0, 0.1)
+    memory_format = torch.channels_last_3d if dimension == 3 else torch.channels_last
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    x = x.contiguous(memory_format=memory_format) if channels_last else x
+    plain = _OutputDtypes()
+    with plain:
+        reference = net(x)
+    low = _OutputDtypes()
+    with low, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x.clone().requires_grad_())
+    assert reference.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert all(torch.bfloat16 not in dtypes for dtypes in plain.dtypes.values())
+    stream = {name: dtypes for name, dtypes in low.dtypes.items()
+              if name in _STREAM_OPS or "batch_norm" in name}
+    assert "add" in stream and "cat" in stream and any("batch_norm" in name for name in stream)
+    assert all(dtypes == {torch.bfloat16} for dtypes in stream.values()), stream
+    # bfloat16 keeps 8 significant bits: the result agrees with float32 to a few of its ulps
+    scale = float(reference.detach().abs().max())
+    torch.testing.assert_close(out.detach().float(), reference.detach(), rtol=0, atol=0.05 * scale)
+    out.float().square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
 def test_channels_last_agrees_with_contiguous():
     def run(channels_last):
         torch.manual_seed(0)

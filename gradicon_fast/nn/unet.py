@@ -15,6 +15,12 @@ the published ``tallUNet2`` so that its state dicts load.
 
 Channel padding puts the zeros *before* the existing channels (as the published ``pad_or_crop``
 does); ``upsample2`` is (bi/tri)linear with ``align_corners=False``.
+
+Under autocast the whole network runs in the autocast dtype: the input is cast once, and pooling
+and upsampling (which CPU autocast would run in float32) keep their input's dtype. Otherwise the
+float32 input would turn every residual sum, BatchNorm and concatenation into float32, and only
+the convolutions would run in the low precision (twice the activation memory, and casts around
+every convolution).
 """
 
 from __future__ import annotations
@@ -40,6 +46,15 @@ def _pad_or_crop_channels(x: Tensor, channels: int) -> Tensor:
         pad = y.new_zeros((y.shape[0], missing, *y.shape[2:]))
         y = torch.cat([pad, y], dim=1)
     return y
+
+
+def _autocast_off(x: Tensor):
+    """Autocast disabled for ``x``'s device: the op runs in ``x``'s own dtype."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+# Low-precision dtypes average-pooled through float32 on the CPU (no avg_pool3d CPU kernel for them).
+_POOLED_IN_FLOAT32 = frozenset({torch.bfloat16, torch.float16})
 
 
 def scaled_channels(channels: Sequence[int], width: float) -> tuple[int, ...]:
@@ -93,9 +108,17 @@ class TallUNet(nn.Module):
         # An axis of size 1 pools with a window of 1 (the published code needs every axis >= 2).
         pool = F.avg_pool2d if self.dimension == 2 else F.avg_pool3d
         kernel = tuple(min(2, s) for s in x.shape[2:])
-        return pool(x, kernel, stride=2, ceil_mode=True)
+        with _autocast_off(x):
+            if x.device.type == "cpu" and x.dtype in _POOLED_IN_FLOAT32:
+                # no CPU kernel for these dtypes; the mean of 2^d values is rounded once
+                return pool(x.float(), kernel, stride=2, ceil_mode=True).to(x.dtype)
+            return pool(x, kernel, stride=2, ceil_mode=True)
 
     def _upsample2(self, x: Tensor) -> Tensor:
+        with _autocast_off(x):
+            return self._upsample2_in_dtype(x)
+
+    def _upsample2_in_dtype(self, x: Tensor) -> Tensor:
         if all(s == 1 for s in x.shape[2:]):
             # One voxel: (bi/tri)linear upsampling (align_corners=False) copies it (interpolate
             # computes 0.75·v + 0.25·v: equal up to one rounding). Written as a copy because
@@ -114,6 +137,8 @@ class TallUNet(nn.Module):
             # ranges"), which dynamic=True, or one U-Net compiled for several sizes, would produce.
             for axis in range(2, x.ndim):
                 torch._dynamo.mark_static(x, axis)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         skips = []
         for depth in range(self.num_layers):
             skips.append(x)
