@@ -1,0 +1,177 @@
+"""Trained weights of the standard 4-step network for the benchmarks that need a network that registers.
+
+    python -m benchmarks.trained_weights                  # 48³, 22 minutes on one thread
+    python -m benchmarks.trained_weights --size 48 --minutes 2 --output /tmp/w.pt
+
+No published weights are downloaded: the standard network (:func:`gradicon_fast.nn.standard_network`,
+float32) is trained here, briefly, with the GradICON objective and Adam on a stream of synthetic pairs
+with known smooth deformations (:func:`gradicon_fast.data.blob_pair.make_synthetic_pair`, one new pair
+per step, seeds from :data:`TRAINING_SEEDS` up, maximal displacement drawn between 4 and 20 mm). The
+pairs of seeds below :data:`TRAINING_SEEDS` are never trained on: the benchmarks measure on them.
+Every :data:`VALIDATION_EVERY` steps the landmark error of the network's registration (eval mode,
+no instance optimisation) of one held-out pair is logged.
+
+The weights (:func:`gradicon_fast.nn.save_model`) go to ``benchmarks/.cache/`` (not in git), next to a
+``.json`` with the settings, the loss curve and the validation errors; :func:`cached_weights` finds
+them again for the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .environment import REPO_ROOT
+
+CACHE_DIR = REPO_ROOT / "benchmarks" / ".cache"
+TRAINING_SEEDS = 100_000      # training pairs use seeds from here up; held-out pairs use seeds below
+VALIDATION_SEED = 99_999      # the pair whose landmark error is logged during training
+VALIDATION_EVERY = 25
+DISPLACEMENT_RANGE_MM = (4.0, 20.0)
+
+
+def weights_path(size: int, spacing: float, minutes: float, lr: float, seed: int) -> Path:
+    """Where the weights of these training settings are cached."""
+    return CACHE_DIR / f"standard-{size}-{spacing:g}mm-{minutes:g}min-lr{lr:g}-seed{seed}.pt"
+
+
+def held_out_pair(size: int, spacing: float, seed: int, max_displacement_mm: float = 15.0):
+    """A known-deformation pair the training never sees (``seed`` < :data:`TRAINING_SEEDS`)."""
+    from gradicon_fast.data.blob_pair import make_synthetic_pair
+
+    if not 0 <= seed < TRAINING_SEEDS:
+        raise ValueError(f"held-out pairs have seeds in [0, {TRAINING_SEEDS}), got {seed}")
+    return make_synthetic_pair((size,) * 3, spacing=spacing, max_displacement_mm=max_displacement_mm, seed=seed)
+
+
+def training_pair(size: int, spacing: float, step: int, seed: int):
+    """The pair of training step ``step`` (0-based), its maximal displacement drawn from the step's seed."""
+    from gradicon_fast.data.blob_pair import make_synthetic_pair
+
+    pair_seed = TRAINING_SEEDS + seed * 1_000_003 + step
+    low, high = DISPLACEMENT_RANGE_MM
+    displacement = low + (high - low) * random.Random(pair_seed).random()
+    pair = make_synthetic_pair((size,) * 3, spacing=spacing, max_displacement_mm=displacement, seed=pair_seed)
+    return pair, displacement
+
+
+def registration_error_mm(model, pair) -> float:
+    """Mean landmark error (mm) of the network's registration of ``pair`` (eval mode, no tuning)."""
+    from gradicon_fast.data.known_pair import landmark_error_mm
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        result = model.register(pair.moving, pair.fixed)
+    model.train(was_training)
+    return float(np.mean(landmark_error_mm(result.chain_AB, pair)))
+
+
+def train(size: int, spacing: float, minutes: float, lr: float, seed: int, *, max_steps: int | None = None,
+          log=lambda line: print(line, flush=True)) -> tuple[torch.nn.Module, dict]:
+    """The standard network trained for ``minutes`` (or ``max_steps``) on one thread; (model, record)."""
+    import gradicon_fast.nn as gnn
+    from gradicon_fast.data.known_pair import landmark_error_mm
+
+    torch.manual_seed(seed)
+    model = gnn.standard_network((size,) * 3)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    noise = torch.Generator().manual_seed(seed)
+    validation = held_out_pair(size, spacing, VALIDATION_SEED)
+    identity_error = float(np.mean(landmark_error_mm(None, validation)))
+    record = {"size": size, "spacing_mm": spacing, "minutes": minutes, "lr": lr, "seed": seed,
+              "displacement_range_mm": list(DISPLACEMENT_RANGE_MM), "losses": [],
+              "validation": {"seed": VALIDATION_SEED, "identity_error_mm": identity_error, "steps": [],
+                             "error_mm": []}}
+    log(f"validation pair: landmark error {identity_error:.3f} mm before registration")
+    start = time.perf_counter()
+    step = 0
+    while time.perf_counter() - start < minutes * 60 and (max_steps is None or step < max_steps):
+        pair, _ = training_pair(size, spacing, step, seed)
+        moving, fixed = (pair.moving, pair.fixed) if step % 2 == 0 else (pair.fixed, pair.moving)
+        optimizer.zero_grad(set_to_none=True)
+        terms = model(moving, fixed, generator=noise)
+        if not torch.isfinite(terms.total):
+            raise FloatingPointError(f"training: non-finite loss at step {step}")
+        terms.total.backward()
+        optimizer.step()
+        step += 1
+        record["losses"].append([float(terms.total.detach()), float(terms.similarity.detach())])
+        if step % VALIDATION_EVERY == 0:
+            error = registration_error_mm(model, validation)
+            record["validation"]["steps"].append(step)
+            record["validation"]["error_mm"].append(error)
+            recent = np.mean([total for total, _ in record["losses"][-VALIDATION_EVERY:]])
+            log(f"step {step:5d}  {time.perf_counter() - start:7.0f} s  loss {recent:.4f}  "
+                f"validation landmark error {error:.3f} mm")
+    record["steps"] = step
+    record["seconds"] = time.perf_counter() - start
+    return model, record
+
+
+def cached_weights(size: int, spacing: float, minutes: float, lr: float, seed: int, *,
+                   log=lambda line: print(line, flush=True)) -> Path:
+    """The weights of these settings, trained (and cached) on the first call."""
+    from gradicon_fast.nn import save_model
+
+    path = weights_path(size, spacing, minutes, lr, seed)
+    if path.exists() and path.with_suffix(".json").exists():
+        return path
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared; one thread, as the recorded minutes assume
+    try:
+        model, record = train(size, spacing, minutes, lr, seed, log=log)
+    finally:
+        torch.set_num_threads(threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, path)
+    path.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    return path
+
+
+def training_record(path: Path) -> dict:
+    """The ``.json`` written next to cached weights."""
+    return json.loads(Path(path).with_suffix(".json").read_text())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.trained_weights", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=48, help="cubic side (default 48)")
+    p.add_argument("--spacing", type=float, default=4.0, help="voxel spacing in mm (default 4)")
+    p.add_argument("--minutes", type=float, default=22.0, help="training time on one thread (default 22)")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="weight file (default: the cache path of these settings)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.size < 16 or args.minutes <= 0 or args.lr <= 0:
+        p.error("--size must be >= 16, --minutes and --lr > 0")
+    if args.output is None:
+        path = cached_weights(args.size, args.spacing, args.minutes, args.lr, args.seed)
+    else:
+        from gradicon_fast.nn import save_model
+
+        torch.set_num_threads(1)
+        model, record = train(args.size, args.spacing, args.minutes, args.lr, args.seed)
+        path = Path(args.output)
+        save_model(model, path)
+        path.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    record = training_record(path)
+    print(f"weights: {path} ({record['steps']} steps, {record['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
