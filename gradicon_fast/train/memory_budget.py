@@ -3,14 +3,14 @@
     choice = choose_configuration(model, "20GB", TrainConfig(batch_size=4))
     Trainer(model, dataset, out_dir, choice.apply(config)).fit()      # or TrainConfig(memory_budget="20GB")
 
-The candidates are the network settings of :data:`SETTINGS` (precision; activation
-checkpointing: none, selective or full), each with every micro-batch that divides the effective
-batch (largest first; the rest is made up by gradient accumulation, so the optimiser sees the batch
-asked for). They are tried in order (float32 before autocast, the faster first within each); each
-runs one real training step in a fresh process (:mod:`gradicon_fast.train.memory_probe`), and the
-first whose measured need fits the budget is chosen. Options set away from their defaults in the
-given :class:`TrainConfig` (e.g. ``amp=True``) are kept: only candidates with the same value are
-tried.
+The candidates are network settings (precision, activation checkpointing, memory layout;
+:func:`settings_for`: which depend on whether the training device computes bfloat16 natively),
+each with every micro-batch that divides the effective batch (the rest is made up by gradient
+accumulation, so the optimiser sees the batch asked for): every setting at the largest micro-batch
+first, then every setting at the next. They are tried in order; each runs one real training step
+in a fresh process (:mod:`gradicon_fast.train.memory_probe`), and the first whose measured need
+fits the budget is chosen. Options set away from their defaults in the given :class:`TrainConfig`
+(e.g. ``amp=False``) are kept: every candidate uses them.
 
 What is measured: on the CPU the probe process's peak resident memory (interpreter, libraries,
 weights, Adam's state and one step); on a GPU the CUDA caching allocator's peak reserved memory
@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..nn.unet_execution import native_bfloat16
 from .memory_probe import STOPPED
 
 # Units as GNU coreutils reads them: a bare letter or an "iB" suffix is binary, "B" after the
@@ -73,26 +74,76 @@ def format_size(n: int | float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+# The TrainConfig fields a candidate sets, and the values a saved choice may hold.
+KNOBS = {"amp": (False, True, "auto"), "checkpoint_activations": (False, True, "full", "selective"),
+         "channels_last": (False, True)}
+
+
 @dataclass(frozen=True)
 class Setting:
-    """Network options of one candidate: :class:`TrainConfig` fields and their values."""
+    """Network options of one candidate: :class:`TrainConfig` fields of :data:`KNOBS` and their values."""
 
-    name: str          # "{amp_dtype}" is replaced by the configured autocast dtype
     options: dict
 
+    def describe(self, config) -> str:
+        """``"bfloat16 autocast + selective checkpointing + channels-last"``, ``"float32"``, ..."""
+        amp = self.options.get("amp", False)
+        if amp == "auto":
+            native = native_bfloat16(torch.device(_device(config)))
+            parts = ["bfloat16 autocast" if native else "float32 (amp auto: bfloat16 not native here)"]
+        else:
+            parts = [f"{config.amp_dtype} autocast" if amp else "float32"]
+        mode = self.options.get("checkpoint_activations", False)
+        if mode:
+            parts.append("selective checkpointing" if mode == "selective" else "full checkpointing")
+        if self.options.get("channels_last", False):
+            parts.append("channels-last")
+        return " + ".join(parts)
 
-# Exact float32 before autocast, so that precision is lowered only where float32 does not fit even
-# with full checkpointing; within each, the faster first: no recomputation, then "selective"
-# (convolution outputs kept, the cheap ops recomputed), then full (each U-Net's forward rerun in
-# backward; 175³ on a 2-core CPU: 65 s a step without, 110 s with; 6.8 against 3.0 GB).
-SETTINGS: tuple[Setting, ...] = (
-    Setting("float32", {"amp": False, "checkpoint_activations": False}),
-    Setting("float32 + selective checkpointing", {"amp": False, "checkpoint_activations": "selective"}),
-    Setting("float32 + activation checkpointing", {"amp": False, "checkpoint_activations": True}),
-    Setting("{amp_dtype} autocast", {"amp": True, "checkpoint_activations": False}),
-    Setting("{amp_dtype} autocast + selective checkpointing", {"amp": True, "checkpoint_activations": "selective"}),
-    Setting("{amp_dtype} autocast + activation checkpointing", {"amp": True, "checkpoint_activations": True}),
-)
+
+def _setting(amp, checkpoint_activations, channels_last) -> Setting:
+    return Setting({"amp": amp, "checkpoint_activations": checkpoint_activations, "channels_last": channels_last})
+
+
+# The order, fastest first, follows training steps of the standard network on a 2-thread CPU with
+# native bfloat16 (AMD EPYC, AVX512-BF16). At 175³ (wall time / step memory above the weights and
+# Adam's state; BENCHMARKS.md, docs/performance.md): the fast settings 44 s / 3.2 GB, float32 65 s /
+# 6.8 GB, bfloat16 + full checkpointing 69 s / 2.5 GB, float32 + full checkpointing 110 s / 3.0 GB.
+# Probe steps at 96³ (process peak / first step, loaded machine), bfloat16 channels-last with no,
+# selective, full recomputation: 2.61 GB / 43 s, 2.35 GB / 38 s, 2.22 GB / 40 s; float32 with the
+# same: 2.75 GB / 63 s, 2.47 GB / 71 s, 2.39 GB / 79 s. So where bfloat16 is native the fast
+# settings (gradicon_fast.nn.fast_defaults) come first: bfloat16 convolutions pay off only in the
+# channels-last layout, and selective recomputation reruns only the cheap ops, for less memory at
+# no measurable cost. Full checkpointing next (each U-Net's forward rerun: leaner, slower). float32
+# + full checkpointing last, for small volumes, where autocast's bfloat16 copies of the weights
+# (2 bytes a parameter) outweigh the activations it saves (24³: 144 against 99 MB). Without native
+# bfloat16, autocast and channels-last are slower than plain float32 (one U-Net at 64³: float32
+# 1.46 s, bfloat16 1.69 s, float32 channels-last 1.88 s): float32 with no, selective, then full
+# recomputation.
+BFLOAT16_SETTINGS = (_setting("auto", "selective", True), _setting("auto", True, True))
+FLOAT32_FALLBACK = _setting(False, True, False)
+FLOAT32_SETTINGS = (_setting(False, False, False), _setting(False, "selective", False), FLOAT32_FALLBACK)
+
+
+def settings_for(config) -> list[Setting]:
+    """The settings tried for ``config``, fastest first: where its device computes bfloat16 natively
+    (and ``amp=False`` is not set), :data:`BFLOAT16_SETTINGS` and, unless ``amp`` is set,
+    :data:`FLOAT32_FALLBACK`; elsewhere :data:`FLOAT32_SETTINGS`. Options set away from their
+    defaults replace the settings' own (duplicates dropped)."""
+    from .trainer import TrainConfig
+
+    defaults = TrainConfig()
+    kept = {k: getattr(config, k) for k in KNOBS if getattr(config, k) != getattr(defaults, k)}
+    if native_bfloat16(torch.device(_device(config))) and kept.get("amp", True) is not False:
+        table = BFLOAT16_SETTINGS + (() if "amp" in kept else (FLOAT32_FALLBACK,))
+    else:
+        table = FLOAT32_SETTINGS
+    settings: list[Setting] = []
+    for setting in table:
+        options = {**setting.options, **kept}
+        if all(options != s.options for s in settings):
+            settings.append(Setting(options))
+    return settings
 
 
 @dataclass(frozen=True)
@@ -106,8 +157,7 @@ class Candidate:
                                    accumulate=self.accumulate)
 
     def describe(self, config) -> str:
-        name = self.setting.name.format(amp_dtype=config.amp_dtype)
-        return f"{name}, micro-batch {self.micro_batch} x {self.accumulate} accumulated"
+        return f"{self.setting.describe(config)}, micro-batch {self.micro_batch} x {self.accumulate} accumulated"
 
 
 @dataclass
@@ -168,17 +218,40 @@ class MemoryChoice:
                 "probes": [p.to_dict(config) for p in self.probes]}
 
 
-def candidates(config, settings: Sequence[Setting] = SETTINGS) -> list[Candidate]:
-    """The candidates for ``config``, in the order they are tried."""
-    from .trainer import TrainConfig
-
-    defaults = TrainConfig()
-    knobs = {k for s in settings for k in s.options}
-    kept = {k: getattr(config, k) for k in knobs if getattr(config, k) != getattr(defaults, k)}
+def candidates(config, settings: Sequence[Setting] | None = None) -> list[Candidate]:
+    """The candidates for ``config``, in the order they are tried: each setting (default
+    :func:`settings_for`) at the largest micro-batch, then each at the next. A smaller micro-batch
+    changes the step (BatchNorm normalises over the images of a micro-batch), the settings do not
+    (recomputation is exact, bfloat16 moves the transform by less than 0.1 mm): so every setting is
+    tried at the batch asked for before any smaller micro-batch."""
+    settings = settings_for(config) if settings is None else settings
     effective = config.batch_size * config.accumulate
     micro_batches = [m for m in range(config.batch_size, 0, -1) if effective % m == 0]
-    return [Candidate(s, m, effective // m) for s in settings
-            if all(s.options.get(k, v) == v for k, v in kept.items()) for m in micro_batches]
+    return [Candidate(s, m, effective // m) for m in micro_batches for s in settings]
+
+
+def resumed_configuration(config, saved: dict):
+    """``config`` with ``saved``, the choice recorded in the checkpoint being resumed, when it was made
+    for the same budget and effective batch; ``None`` when not (choose anew). A choice saved before
+    channels-last was a candidate ran without it. One this version cannot read raises
+    :class:`MemoryBudgetError`."""
+    try:
+        budget, chosen = int(saved["budget_bytes"]), str(saved["chosen"])
+        batch, accumulate = int(saved["batch_size"]), int(saved["accumulate"])
+        options = dict(saved["options"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise MemoryBudgetError(f"the memory choice saved with the run being resumed cannot be read ({e!r}): start "
+                                "afresh, or resume without a memory budget") from None
+    unknown = [f"{k}={v!r}" for k, v in options.items() if k not in KNOBS or not any(
+        v == allowed and type(v) is type(allowed) for allowed in KNOBS[k])]
+    if unknown:
+        raise MemoryBudgetError(f"the memory choice saved with the run being resumed ({chosen}) sets "
+                                f"{', '.join(unknown)}, which this version does not know: start afresh, or resume "
+                                "without a memory budget")
+    if budget != parse_size(config.memory_budget) or batch * accumulate != config.batch_size * config.accumulate:
+        return None
+    options.setdefault("channels_last", False)
+    return dataclasses.replace(config, **options, batch_size=batch, accumulate=accumulate, memory_choice=saved)
 
 
 def _device(config) -> str:

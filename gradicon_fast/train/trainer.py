@@ -40,7 +40,7 @@ from .distributed import DistEnv, all_reduce_sum, init_distributed
 from ..nn.networks import full_precision
 from ..nn.unet_execution import batchnorm_stats
 from .gradient_check import non_finite_gradients
-from .memory_budget import choose_configuration, format_size, parse_size
+from .memory_budget import choose_configuration, format_size, resumed_configuration
 from .sampler import PairStreamSampler
 
 TERMS = ("total", "similarity", "regularization", "fold_percentage")
@@ -209,13 +209,11 @@ class Trainer:
                              "(gradicon_fast.train.choose_configuration) and pass the chosen options")
         say = print if config.progress else (lambda message: None)
         saved = ((blob or {}).get("train_config") or {}).get("memory_choice")
-        effective = config.batch_size * config.accumulate
-        if saved and saved["budget_bytes"] == parse_size(config.memory_budget) \
-                and saved["batch_size"] * saved["accumulate"] == effective:
+        resumed = resumed_configuration(config, saved) if saved else None
+        if resumed is not None:
             say(f"memory budget {format_size(saved['budget_bytes'])}: {saved['chosen']} (as chosen for the run "
                 "being resumed)")
-            return dataclasses.replace(config, **saved["options"], batch_size=saved["batch_size"],
-                                       accumulate=saved["accumulate"], memory_choice=saved)
+            return resumed
         choice = choose_configuration(model, config.memory_budget, config, log=say)
         say(choice.describe(config))
         return choice.apply(config)
