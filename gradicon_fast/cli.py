@@ -274,6 +274,9 @@ TRAIN_CONFIGS = {
     "knee": dict(shape=(80, 192, 192), preset="mri", pairs="inter"),
     "synthetic2d": dict(shape=(128, 128), preset=None, pairs=None),
 }
+# --precision and --checkpointing: TrainConfig's amp and checkpoint_activations
+TRAIN_PRECISIONS = {"auto": "auto", "bfloat16": True, "float32": False}
+TRAIN_CHECKPOINTING = {"selective": "selective", "full": True, "none": False}
 
 
 def _cmd_train(args) -> int:
@@ -302,10 +305,15 @@ def _cmd_train(args) -> int:
             raise InputError(f"--data {args.data!r}: {e}") from None
     out = args.out or os.path.join("runs", args.config)
     config = TrainConfig(batch_size=args.batch_size, lr=args.lr, device=args.device, backend=args.backend,
-                         seed=args.seed, amp=args.amp, progress=not args.quiet, resume=not args.no_resume,
+                         seed=args.seed, amp=TRAIN_PRECISIONS[args.precision],
+                         checkpoint_activations=TRAIN_CHECKPOINTING[args.checkpointing],
+                         channels_last=args.channels_last, progress=not args.quiet, resume=not args.no_resume,
                          memory_budget=_training_budget(args, dataset, shape))
+    layout = "channels-last" if args.channels_last else "channels-first"
+    settings = f"U-Nets: {args.precision} precision, {args.checkpointing} checkpointing, {layout}"
     _say(args, f"training the {args.config} configuration: {len(dataset)} pairs at {'x'.join(map(str, shape))}, "
-               f"{args.steps_stage1} + {args.steps_stage2} steps, output {out}")
+               f"{args.steps_stage1} + {args.steps_stage2} steps, output {out}; "
+               f"{settings if config.memory_budget is None else 'U-Net settings chosen by --memory-budget'}")
     start = time.perf_counter()
     try:
         train_two_stage(dataset, out, shape, stage1_steps=args.steps_stage1, stage2_steps=args.steps_stage2,
@@ -531,7 +539,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, default=1.0, help="scale of the U-Net channel counts (1 = the paper's)")
     p.add_argument("--pairs", type=int, default=None, help="number of synthetic pairs (synthetic2d)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast of the U-Nets")
+    p.add_argument("--precision", choices=sorted(TRAIN_PRECISIONS), default="auto", help="what the U-Nets compute "
+                   "in: auto (default: bfloat16 autocast where the CPU or GPU computes it natively, else float32), "
+                   "bfloat16 (autocast everywhere) or float32 (docs/training.md)")
+    p.add_argument("--amp", dest="precision", action="store_const", const="bfloat16",
+                   help="same as --precision bfloat16 (kept for older scripts)")
+    p.add_argument("--checkpointing", choices=sorted(TRAIN_CHECKPOINTING), default="selective", help="activation "
+                   "checkpointing of the U-Nets: selective (default: convolution outputs kept, the cheap ops "
+                   "recomputed in backward), full (each U-Net's forward rerun) or none")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="keep the U-Nets' activations in the usual (channels-first) layout")
     p.add_argument("--memory-budget", metavar="SIZE", help="train within SIZE of memory (RAM on the CPU, GPU memory "
                    "on a GPU), e.g. 20GB, 512MiB, 1.5G (G = 2^30 bytes, GB = 10^9): precision, activation "
                    "checkpointing and micro-batch (with gradient accumulation keeping --batch-size) are chosen by "

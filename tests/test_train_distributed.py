@@ -21,6 +21,7 @@ import torch
 import gradicon_fast.nn as gnn
 from gradicon_fast.data import SyntheticPairDataset
 from gradicon_fast.train import TrainConfig, Trainer
+from gradicon_fast.train.trainer import PLAIN_EXECUTION
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (24, 16)
@@ -34,7 +35,7 @@ def make_model():
 def make_config(**kw):
     # On the CPU (gloo) whatever the machine has: two ranks would need two GPUs.
     base = dict(steps=4, batch_size=2, lr=1e-3, seed=7, progress=False, tensorboard=False, checkpoint_every=2,
-                device="cpu")
+                device="cpu", **PLAIN_EXECUTION)  # float32: compared bit for bit
     base.update(kw)
     return TrainConfig(**base)
 

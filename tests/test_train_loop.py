@@ -19,6 +19,7 @@ from gradicon_fast.data import SyntheticPairDataset
 from gradicon_fast.train import (NonFiniteGradientError, NonFiniteLossError, PairStreamSampler, TrainConfig, Trainer,
                                  augment_pair, instance_optimize, latest_checkpoint, list_checkpoints,
                                  random_signed_permutation, train_two_stage)
+from gradicon_fast.train.trainer import PLAIN_EXECUTION
 
 SHAPE = (24, 16)
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,9 @@ def tiny_model(seed=0, steps=4):
 
 
 def tiny_config(**kw):
-    base = dict(steps=6, batch_size=2, lr=1e-3, checkpoint_every=3, progress=False, tensorboard=False, seed=3)
+    """Plain float32 U-Nets (bit-exact float32 behaviour; the fast defaults: test_train_fast_defaults.py)."""
+    base = dict(steps=6, batch_size=2, lr=1e-3, checkpoint_every=3, progress=False, tensorboard=False, seed=3,
+                **PLAIN_EXECUTION)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -38,7 +38,7 @@ from .checkpoint import (atomic_save, checkpoint_path, latest_checkpoint, load_c
                          rng_state, set_rng_state)
 from .distributed import DistEnv, all_reduce_sum, init_distributed
 from ..nn.networks import full_precision
-from ..nn.unet_execution import batchnorm_stats
+from ..nn.unet_execution import autocast_dtype, batchnorm_stats
 from .gradient_check import non_finite_gradients
 from .memory_budget import choose_configuration, format_size, resumed_configuration
 from .sampler import PairStreamSampler
@@ -83,15 +83,16 @@ class TrainConfig:
     lr: float = 5e-5
     augment: bool = True
     affine_scale: float = 0.05
-    # U-Net execution (gradicon_fast.nn.configure; docs/performance.md). amp: True (autocast to
-    # amp_dtype), False (float32) or "auto" (bfloat16 where the device computes it natively);
-    # checkpoint_activations: False, True (whole U-Nets recomputed) or "selective" (convolution
-    # outputs kept, the cheap rest recomputed); channels_last: the channels-last layout.
-    # float32 by default: resuming a bfloat16 run is not bit-exact on the CPU.
-    amp: bool | str = False
+    # U-Net execution (gradicon_fast.nn.configure; docs/performance.md), by default the fast settings of
+    # gradicon_fast.nn.fast_defaults. amp: "auto" (bfloat16 autocast where the device computes it
+    # natively, float32 elsewhere), True (autocast to amp_dtype everywhere) or False (float32);
+    # checkpoint_activations: "selective" (convolution outputs kept, the cheap rest recomputed),
+    # True (whole U-Nets recomputed) or False; channels_last: the channels-last layout.
+    # PLAIN_EXECUTION holds the plain float32 settings. A resumed run keeps the settings it was saved with.
+    amp: bool | str = "auto"
     amp_dtype: str = "bfloat16"
-    checkpoint_activations: bool | str = False
-    channels_last: bool = False
+    checkpoint_activations: bool | str = "selective"
+    channels_last: bool = True
     checkpoint_every: int = 500
     keep_checkpoints: int = 3             # newest kept; <= 0 keeps all
     resume: bool = True                   # continue from the newest checkpoint in out_dir
@@ -112,6 +113,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# The U-Net execution options of TrainConfig, and their plain float32 values: what checkpoints saved
+# before an option existed ran with.
+PLAIN_EXECUTION = {"amp": False, "amp_dtype": "bfloat16", "checkpoint_activations": False, "channels_last": False}
+
+
+def describe_execution(options: dict) -> str:
+    """Execution ``options`` in words, e.g. "amp='auto', checkpoint_activations='selective'"."""
+    return ", ".join(f"{k}={v!r}" for k, v in options.items())
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """"bfloat16" for an autocast dtype, "float32" for none."""
+    return str(dtype).replace("torch.", "") if dtype is not None else "float32"
 
 
 def _complete_step(row: dict) -> int | None:
@@ -164,12 +180,18 @@ class Trainer:
             model.backend = config.backend
         resume_from = latest_checkpoint(self.checkpoint_dir) if config.resume else None
         blob = load_checkpoint_file(resume_from, map_location=self.device) if resume_from is not None else None
+        if blob is not None:
+            self.config = config = self._saved_execution(config, blob)
         if config.memory_budget is not None and config.memory_choice is None:
             self.config = config = self._fit_budget(model, config, blob)
         if config.amp == "auto":
             amp_dtype = "auto"
         else:
             amp_dtype = getattr(torch, config.amp_dtype) if config.amp else None
+        # what the U-Nets compute in on this device (recorded in checkpoints; "auto" depends on the device)
+        self.autocast_dtype = autocast_dtype(amp_dtype, self.device)
+        if blob is not None:
+            self._check_saved_precision(blob)
         model.configure(amp_dtype=amp_dtype, checkpoint=config.checkpoint_activations,
                         channels_last=config.channels_last)
         if self._use_sync_batchnorm():
@@ -217,6 +239,32 @@ class Trainer:
         choice = choose_configuration(model, config.memory_budget, config, log=say)
         say(choice.describe(config))
         return choice.apply(config)
+
+    def _say(self, message: str) -> None:
+        if self.config.progress and self.dist.is_main:
+            print(message)
+
+    def _saved_execution(self, config: TrainConfig, blob: dict) -> TrainConfig:
+        """``config`` with the U-Net execution settings the run being resumed was saved with (plain float32
+        for a checkpoint saved before an option existed), so that it continues as it started; says so
+        when they differ from the ones asked for. With a memory budget the settings are its choice,
+        which is saved with the run and reused on resume (``_fit_budget``)."""
+        saved = {**PLAIN_EXECUTION, **{k: v for k, v in (blob.get("train_config") or {}).items()
+                                       if k in PLAIN_EXECUTION}}
+        asked = {k: getattr(config, k) for k in saved}
+        if asked == saved or config.memory_budget is not None:
+            return config
+        self._say(f"resuming with the settings the run was saved with ({describe_execution(saved)}) "
+                  f"instead of {describe_execution(asked)}; start afresh (--no-resume, resume=False) to change them")
+        return dataclasses.replace(config, **saved)
+
+    def _check_saved_precision(self, blob: dict) -> None:
+        """Says when this device computes the U-Nets in another precision than the saved run did (amp="auto"
+        on a device with or without native bfloat16): the run goes on, but does not repeat bit for bit."""
+        saved = (blob.get("execution") or {}).get("autocast_dtype", "unknown")
+        now = precision_name(self.autocast_dtype)
+        if saved not in ("unknown", now):
+            self._say(f"note: the run was saved computing the U-Nets in {saved}; this device computes them in {now}")
 
     def _resume(self, blob: dict, path: Path) -> None:
         self.model.load_state_dict(blob["model"])
@@ -297,6 +345,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(),
             "train_config": self.config.to_dict(),
+            # the precision the U-Nets ran in ("auto" resolved on this device)
+            "execution": {"autocast_dtype": precision_name(self.autocast_dtype)},
             "world_size": self.dist.world_size,
         }
         path = checkpoint_path(self.checkpoint_dir, self.step)
