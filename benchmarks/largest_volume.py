@@ -1,7 +1,7 @@
 """The largest cubic volume whose training step fits a memory limit: gradicon_fast with
 ``--memory-budget`` beside the official ``icon_registration`` package.
 
-    python -m benchmarks.largest_volume --limit 18GB                     # both sides, CPU
+    python -m benchmarks.largest_volume --limit 18GB                     # all sides, CPU
     python -m benchmarks.largest_volume --limit 18GB --side official --low 160 --high 224
     python -m benchmarks.largest_volume --limit 18GB --launcher "flock /tmp/gradicon_bigmem.lock"
 
@@ -15,8 +15,13 @@ size far above it costs little and cannot exhaust the machine.
   ``benchmarks/official.py`` builds it), training mode, one Adam step.
 - **gradicon_fast**: ``gradicon_fast.train.choose_configuration`` (what ``--memory-budget``
   runs). It finds a configuration exactly when its leanest candidate fits, so the search probes
-  that candidate alone (bfloat16 autocast + activation checkpointing, micro-batch 1); at the
-  largest size found the full chooser runs and reports what ``--memory-budget`` picks there.
+  that candidate alone (bfloat16 autocast where native + full activation checkpointing +
+  channels-last, micro-batch 1); at the largest size found the full chooser runs and reports
+  what ``--memory-budget`` picks there (``--choose-at-largest``).
+- **fast_settings**: gradicon_fast with the fast settings (``gradicon_fast.nn.fast_defaults``:
+  bfloat16 autocast where native, selective checkpointing, channels-last; the first candidate of
+  ``--memory-budget`` where bfloat16 is native), micro-batch 1: the largest cube that trains at
+  full speed.
 
 The search is a bisection over multiples of ``--granularity`` between ``--low`` (expected to fit)
 and ``--high`` (expected not to; both are checked first). Results: a table on stdout and
@@ -40,7 +45,13 @@ import torch
 from . import environment
 from .report import RESULTS_DIR
 
-SIDES = ("official", "gradicon_fast")
+SIDES = ("official", "gradicon_fast", "fast_settings")
+# The gradicon_fast settings measured, as TrainConfig options: the chooser's leanest candidate where
+# bfloat16 is native, and its first (gradicon_fast.nn.fast_defaults).
+GRADICON_FAST_SETTINGS = {
+    "gradicon_fast": {"amp": "auto", "checkpoint_activations": True, "channels_last": True},
+    "fast_settings": {"amp": "auto", "checkpoint_activations": "selective", "channels_last": True},
+}
 
 
 # ---- the official side's step, in a fresh process ------------------------------------------
@@ -99,16 +110,17 @@ def _model(size: int):
     return gnn.standard_network((size,) * 3)
 
 
-def gradicon_fast_leanest(size: int, limit_bytes: int, launcher: list[str]) -> dict:
+def gradicon_fast_step(side: str, size: int, limit_bytes: int, launcher: list[str]) -> dict:
+    """One probe step of ``side``'s setting (GRADICON_FAST_SETTINGS) at ``size``³, micro-batch 1."""
     from gradicon_fast.train import TrainConfig
-    from gradicon_fast.train.memory_budget import candidates, probe
+    from gradicon_fast.train.memory_budget import Candidate, Setting, probe
 
     config = TrainConfig(batch_size=1, device="cpu")
-    leanest = candidates(config)[-1]
-    result = probe(_model(size), leanest, config, limit_bytes, launcher=launcher)
+    candidate = Candidate(Setting(GRADICON_FAST_SETTINGS[side]), 1, 1)
+    result = probe(_model(size), candidate, config, limit_bytes, launcher=launcher)
     out = {"size": size, "fits": result.fits, "need_bytes": result.need_bytes,
            "more_than_bytes": result.more_than_bytes, "step_seconds": result.seconds,
-           "configuration": leanest.describe(config)}
+           "configuration": candidate.describe(config)}
     if result.more_than_bytes is not None and result.more_than_bytes < limit_bytes:
         # the probe's limit is capped by the memory the machine had free: no verdict about the limit
         out["inconclusive"] = "stopped below the limit: the machine had less memory free"
@@ -165,7 +177,7 @@ def measure_side(side: str, args, limit: int, launcher: list[str], low: int, hig
     if side == "official":
         measure = lambda size: official_step(size, limit, launcher, threads)  # noqa: E731
     else:
-        measure = lambda size: gradicon_fast_leanest(size, limit, launcher)  # noqa: E731
+        measure = lambda size: gradicon_fast_step(side, size, limit, launcher)  # noqa: E731
     if args.sizes:
         trials = [measure(size) for size in args.sizes]
         for t in trials:
@@ -197,18 +209,23 @@ def save(output: Path, side: str, summary: dict, header: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.largest_volume", description=__doc__.split("\n\n")[0])
     p.add_argument("--limit", default="18GB", help="memory limit (default 18GB)")
-    p.add_argument("--side", choices=(*SIDES, "both"), default="both")
+    p.add_argument("--side", choices=(*SIDES, "all"), default="all",
+                   help="official; gradicon_fast: the leanest --memory-budget candidate; fast_settings: gradicon_fast "
+                   "with its fast settings; all (default)")
     p.add_argument("--low", type=int, nargs="+", default=None, metavar="N",
-                   help="a size expected to fit (one, or one per side: official gradicon_fast)")
+                   help="a size expected to fit (one, or one per side in the order official gradicon_fast "
+                   "fast_settings)")
     p.add_argument("--high", type=int, nargs="+", default=None, metavar="N", help="a size expected not to fit")
     p.add_argument("--granularity", type=int, default=16)
     p.add_argument("--sizes", type=int, nargs="+", metavar="N", help="measure these sizes instead of searching "
-                   "(gradicon_fast: its leanest candidate), e.g. to place --low and --high")
+                   "(gradicon_fast sides: one probe step each), e.g. to place --low and --high")
     p.add_argument("--choose-at-largest", action="store_true",
                    help="gradicon_fast: run the full chooser at the largest size found (every faster candidate "
                    "is probed first)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--launcher", default="", help="command prefix of each measured process, e.g. 'flock LOCK'")
+    p.add_argument("--output", type=Path, default=None,
+                   help="results file (default benchmarks/results/largest_volume_<device>.json; merged into)")
     p.add_argument("--official-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.official_worker:
@@ -221,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     launcher = shlex.split(args.launcher)
-    defaults = {"official": (160, 224), "gradicon_fast": (256, 352)}
+    defaults = {"official": (160, 224), "gradicon_fast": (256, 352), "fast_settings": (224, 320)}
     env = environment.describe("cpu")
-    output = RESULTS_DIR / f"largest_volume_{env['device_name']}.json"
-    for k, side in enumerate(SIDES if args.side == "both" else (args.side,)):
+    output = args.output or RESULTS_DIR / f"largest_volume_{env['device_name']}.json"
+    for k, side in enumerate(SIDES if args.side == "all" else (args.side,)):
         low = args.low[min(k, len(args.low) - 1)] if args.low else defaults[side][0]
         high = args.high[min(k, len(args.high) - 1)] if args.high else defaults[side][1]
         print(f"{side}: within {args.limit} ({limit / 1e9:.2f} GB)"

@@ -34,3 +34,17 @@ def test_search_reports_when_even_the_low_end_does_not_fit():
 def test_search_takes_the_high_end_when_it_fits():
     largest, trials = search(lambda size: {"size": size, "fits": True}, 160, 256, 16)
     assert largest == 256 and [t["size"] for t in trials] == [160, 256]
+
+
+def test_measured_settings_are_the_choosers_first_and_leanest(monkeypatch):
+    """Where bfloat16 is native: fast_settings is --memory-budget's first candidate (the fast
+    settings), gradicon_fast its leanest at large volumes (bfloat16 + full checkpointing)."""
+    import gradicon_fast.train.memory_budget as memory_budget
+    from benchmarks.largest_volume import GRADICON_FAST_SETTINGS
+    from gradicon_fast.train import TrainConfig
+
+    monkeypatch.setattr(memory_budget, "native_bfloat16", lambda device: True)
+    settings = [s.options for s in memory_budget.settings_for(TrainConfig(device="cpu"))]
+    assert GRADICON_FAST_SETTINGS["fast_settings"] == settings[0]
+    leanest = GRADICON_FAST_SETTINGS["gradicon_fast"]
+    assert leanest in settings and leanest["amp"] == "auto" and leanest["checkpoint_activations"] is True
