@@ -114,6 +114,16 @@ class TallUNet(nn.Module):
                 return pool(x.float(), kernel, stride=2, ceil_mode=True).to(x.dtype)
             return pool(x, kernel, stride=2, ceil_mode=True)
 
+    @staticmethod
+    def _down_convolution(conv: nn.Module, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.shape[-1] == 1 and torch.is_autocast_enabled("cpu"):
+            # oneDNN's low-precision weight gradient of a strided convolution over an input one voxel
+            # long on its last axis holds garbage (NaN, or finite values up to 1e37, changing from pass
+            # to pass) in the taps that see only padding; such inputs are tiny: float32.
+            with _autocast_off(x):
+                return conv(x.float()).to(x.dtype)
+        return conv(x)
+
     def _upsample2(self, x: Tensor) -> Tensor:
         with _autocast_off(x):
             return self._upsample2_in_dtype(x)
@@ -142,7 +152,7 @@ class TallUNet(nn.Module):
         skips = []
         for depth in range(self.num_layers):
             skips.append(x)
-            y = self.downConvs[depth](F.leaky_relu(x, LEAKY_SLOPE))
+            y = self._down_convolution(self.downConvs[depth], F.leaky_relu(x, LEAKY_SLOPE))
             x = y + _pad_or_crop_channels(self._avg_pool(x), y.shape[1])
         for depth in reversed(range(self.num_layers)):
             y = self.upConvs[depth](F.leaky_relu(x, LEAKY_SLOPE))
