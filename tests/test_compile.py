@@ -191,11 +191,18 @@ def test_standard_network_training_step_compiled(rng):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
     sides = [(compiled, model, torch.Generator().manual_seed(seed)), (twin, twin, torch.Generator().manual_seed(seed))]
-    # SGD: Adam would turn the rounding-level gradients of the biases before BatchNorm into full steps
+    # SGD: Adam would turn the rounding-level gradients of the biases before BatchNorm into full steps.
+    # Before the second step the compiled model gets the eager twin's weights: one step from
+    # rounding-level different gradients moves the tiny network's BatchNorm batch statistics enough
+    # to change the next gradients by up to 2 % (chaotic, not a compile error), so each step compares
+    # the compiled and eager graphs on the same weights. Bound: twenty times the largest difference
+    # seen (5e-5); a wrong formula is O(1).
     optimizers = [torch.optim.SGD(m.parameters(), lr=1e-2) for _, m, _ in sides]
-    # Bounds ten times the largest difference seen over 24 draws (the first step's gradients differ by
-    # up to 5e-5; after one SGD step from those, the second's by up to 1e-3): a wrong formula is O(1).
-    for gradient_bound in (1e-3, 1e-2):
+    for step in range(2):
+        if step:
+            with torch.no_grad():
+                for mine, theirs in zip(model.parameters(), twin.parameters()):
+                    mine.copy_(theirs)
         terms, grads = [], []
         for (run, module, generator), optimizer in zip(sides, optimizers):
             optimizer.zero_grad()
@@ -205,7 +212,7 @@ def test_standard_network_training_step_compiled(rng):
             grads.append([p.grad for p in module.parameters()])
             optimizer.step()
         torch.testing.assert_close(terms[0], terms[1], rtol=1e-4, atol=1e-5)
-        assert _relative_difference(*grads) < gradient_bound
+        assert _relative_difference(*grads) < 1e-3
     for got, want in zip(model.buffers(), twin.buffers()):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
 
