@@ -159,6 +159,22 @@ def run(args) -> dict:
     return measure_pair(make_model, pair, args.settings, (0, args.steps), args.lr)
 
 
+def _training_summary(record: dict) -> dict:
+    """A training record without its loss curve (first and last 25 steps' mean loss instead), with the
+    records of the weights it continued from."""
+    from . import trained_weights as tw
+
+    summary = {k: v for k, v in record.items() if k != "losses"}
+    losses = np.asarray(record["losses"])
+    window = min(25, len(losses))
+    summary.update(loss_first_mean=float(losses[:window, 0].mean()), loss_last_mean=float(losses[-window:, 0].mean()),
+                   loss_window_steps=window)
+    init = record.get("init")
+    if init and Path(init).with_suffix(".json").exists():
+        summary["continued_from"] = _training_summary(tw.training_record(Path(init)))
+    return summary
+
+
 def run_trained(args) -> dict:
     """Trained weights on ``args.pairs`` held-out pairs: per pair, the summary and the training record."""
     from gradicon_fast.data.known_pair import landmark_error_mm
@@ -186,14 +202,7 @@ def run_trained(args) -> dict:
         per_pair.append(measure_pair(make_model, pair, args.settings, (0, args.steps), args.lr,
                                      log=lambda line: print(line, flush=True)))
     summary = summarize(per_pair)
-    training = None
-    if record:
-        training = {k: v for k, v in record.items() if k != "losses"}
-        losses = np.asarray(record["losses"])
-        window = min(25, len(losses))
-        training["loss_first_mean"] = float(losses[:window, 0].mean())
-        training["loss_last_mean"] = float(losses[-window:, 0].mean())
-        training["loss_window_steps"] = window
+    training = _training_summary(record) if record else None
     return {"weights": str(weights), "size": size, "spacing_mm": spacing, "pair_seeds": list(range(args.pairs)),
             "identity_landmark_error_mm": identity, "training": training, "per_pair": per_pair,
             "summary": summary, "table": markdown_table(summary, float(np.mean(identity)))}

@@ -1,7 +1,9 @@
 """Trained weights of the standard 4-step network for the benchmarks that need a network that registers.
 
-    python -m benchmarks.trained_weights                  # 48³, 22 minutes on one thread
-    python -m benchmarks.trained_weights --size 48 --minutes 2 --output /tmp/w.pt
+    python -m benchmarks.trained_weights                  # 48³, 22 minutes on one thread (GradICON only)
+    python -m benchmarks.trained_weights --minutes 18 --lr 1e-4 --warmup 25 --supervised 1 \
+        --first-step 259 --init benchmarks/.cache/standard-48-4mm-22min-lr0.0002-seed0.pt \
+        --output benchmarks/.cache/standard-48-4mm-stage2-supervised.pt   # continued, with the known deformation
 
 No published weights are downloaded: the standard network (:func:`gradicon_fast.nn.standard_network`,
 float32) is trained here, briefly, with the GradICON objective and Adam on a stream of synthetic pairs
@@ -11,9 +13,13 @@ pairs of seeds below :data:`TRAINING_SEEDS` are never trained on: the benchmarks
 Every :data:`VALIDATION_EVERY` steps the landmark error of the network's registration (eval mode,
 no instance optimisation) of one held-out pair is logged.
 
+A few hundred steps of the similarity alone leave the network near the identity; ``--supervised W``
+adds W times the squared error of φ_AB against the pair's known deformation, which teaches it much
+sooner; ``--init`` continues from earlier weights (a fresh Adam: give it a ``--warmup``).
+
 The weights (:func:`gradicon_fast.nn.save_model`) go to ``benchmarks/.cache/`` (not in git), next to a
 ``.json`` with the settings, the loss curve and the validation errors; :func:`cached_weights` finds
-them again for the same settings.
+them again for the plain recipe's settings.
 """
 
 from __future__ import annotations
@@ -74,20 +80,57 @@ def registration_error_mm(model, pair) -> float:
     return float(np.mean(landmark_error_mm(result.chain_AB, pair)))
 
 
+def warmup_factor(step: int, warmup: int) -> float:
+    """The learning rate's factor at (0-based) ``step``: linear from 1/warmup to 1 over ``warmup`` steps.
+    Adam's first steps move every weight by about the learning rate, whatever its gradient; a warmup
+    keeps them from throwing a network that already registers far off."""
+    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
+
+
+def supervised_objective(model, pair, noise: torch.Generator, weight: float):
+    """GradICON's objective on (moving, fixed) plus ``weight`` times the mean squared distance (in voxels²)
+    between the network's φ_AB and the pair's true one: the known deformation teaches a network in
+    minutes what the similarity alone teaches in hours. Returns (total, similarity)."""
+    import gradicon_fast as gf
+    from gradicon_fast.nn import RegistrationResult
+
+    moving, fixed = pair.moving, pair.fixed
+    result = model.register(moving, fixed)
+    chain_AB = [f.float() for f in result.chain_AB]
+    chain_BA = [f.float() for f in result.chain_BA]
+    similarity = (model.similarity(gf.warp(moving, chain_AB), fixed, None)
+                  + model.similarity(gf.warp(fixed, chain_BA), moving, None))
+    regularization = model.regularization(RegistrationResult(chain_AB, chain_BA, model.input_shape),
+                                          generator=noise)
+    voxels = torch.tensor([s - 1 for s in model.input_shape], dtype=torch.float32).view(1, -1, 1, 1, 1)
+    error = ((gf.compose(chain_AB, model.input_shape) - pair.displacement) * voxels).square().sum(1).mean()
+    return model.lmbda * regularization + similarity + weight * error, similarity
+
+
 def train(size: int, spacing: float, minutes: float, lr: float, seed: int, *, max_steps: int | None = None,
+          init=None, warmup: int = 0, first_step: int = 0, supervised: float = 0.0,
           log=lambda line: print(line, flush=True)) -> tuple[torch.nn.Module, dict]:
-    """The standard network trained for ``minutes`` (or ``max_steps``) on one thread; (model, record)."""
+    """The standard network trained for ``minutes`` (or ``max_steps``) on one thread; (model, record).
+
+    ``init``: a weight file to continue from (a fresh Adam, so give it a ``warmup``); its training
+    pairs continue at ``first_step``, so that no pair is seen twice. ``supervised`` > 0 adds the
+    known deformation to the objective (:func:`supervised_objective`)."""
     import gradicon_fast.nn as gnn
     from gradicon_fast.data.known_pair import landmark_error_mm
 
     torch.manual_seed(seed)
-    model = gnn.standard_network((size,) * 3)
+    model = gnn.standard_network((size,) * 3) if init is None else gnn.load_model(init)
+    if tuple(model.config["input_shape"]) != (size,) * 3:
+        raise ValueError(f"{init} is a network for {model.config['input_shape']}, not {size}³")
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup))
     noise = torch.Generator().manual_seed(seed)
     validation = held_out_pair(size, spacing, VALIDATION_SEED)
     identity_error = float(np.mean(landmark_error_mm(None, validation)))
-    record = {"size": size, "spacing_mm": spacing, "minutes": minutes, "lr": lr, "seed": seed,
+    record = {"size": size, "spacing_mm": spacing, "minutes": minutes, "lr": lr, "seed": seed, "warmup": warmup,
+              "supervised": supervised,
+              "init": None if init is None else str(init), "first_step": first_step,
               "displacement_range_mm": list(DISPLACEMENT_RANGE_MM), "losses": [],
               "validation": {"seed": VALIDATION_SEED, "identity_error_mm": identity_error, "steps": [],
                              "error_mm": []}}
@@ -95,16 +138,20 @@ def train(size: int, spacing: float, minutes: float, lr: float, seed: int, *, ma
     start = time.perf_counter()
     step = 0
     while time.perf_counter() - start < minutes * 60 and (max_steps is None or step < max_steps):
-        pair, _ = training_pair(size, spacing, step, seed)
-        moving, fixed = (pair.moving, pair.fixed) if step % 2 == 0 else (pair.fixed, pair.moving)
+        pair, _ = training_pair(size, spacing, first_step + step, seed)
         optimizer.zero_grad(set_to_none=True)
-        terms = model(moving, fixed, generator=noise)
-        if not torch.isfinite(terms.total):
+        if supervised > 0:
+            total, similarity = supervised_objective(model, pair, noise, supervised)
+        else:  # both orders: the objective is symmetric, the pairs' deformations are not
+            moving, fixed = (pair.moving, pair.fixed) if step % 2 == 0 else (pair.fixed, pair.moving)
+            total, similarity = model(moving, fixed, generator=noise)[:2]
+        if not torch.isfinite(total):
             raise FloatingPointError(f"training: non-finite loss at step {step}")
-        terms.total.backward()
+        total.backward()
         optimizer.step()
+        schedule.step()
         step += 1
-        record["losses"].append([float(terms.total.detach()), float(terms.similarity.detach())])
+        record["losses"].append([float(total.detach()), float(similarity.detach())])
         if step % VALIDATION_EVERY == 0:
             error = registration_error_mm(model, validation)
             record["validation"]["steps"].append(step)
@@ -150,22 +197,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="weight file (default: the cache path of these settings)")
+    p.add_argument("--init", default=None, help="continue from this weight file (a fresh Adam; needs --output)")
+    p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warmup, in steps (default 0)")
+    p.add_argument("--supervised", type=float, default=0.0,
+                   help="weight of the known deformation's squared error (voxels²) in the objective (default 0)")
+    p.add_argument("--first-step", type=int, default=0,
+                   help="index of the first training pair (continuing: the steps already trained)")
     return p
 
 
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    if args.size < 16 or args.minutes <= 0 or args.lr <= 0:
-        p.error("--size must be >= 16, --minutes and --lr > 0")
+    if args.size < 16 or args.minutes <= 0 or args.lr <= 0 or args.warmup < 0 or args.first_step < 0:
+        p.error("--size must be >= 16, --minutes and --lr > 0, --warmup and --first-step >= 0")
+    if (args.init or args.warmup or args.first_step or args.supervised) and args.output is None:
+        p.error("--init, --warmup, --first-step and --supervised need --output (the cache holds the plain "
+                "recipe only)")
+    if args.supervised < 0:
+        p.error("--supervised must be >= 0")
     if args.output is None:
         path = cached_weights(args.size, args.spacing, args.minutes, args.lr, args.seed)
     else:
         from gradicon_fast.nn import save_model
 
         torch.set_num_threads(1)
-        model, record = train(args.size, args.spacing, args.minutes, args.lr, args.seed)
+        model, record = train(args.size, args.spacing, args.minutes, args.lr, args.seed, init=args.init,
+                              warmup=args.warmup, first_step=args.first_step, supervised=args.supervised)
         path = Path(args.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_model(model, path)
         path.with_suffix(".json").write_text(json.dumps(record, indent=1))
     record = training_record(path)

@@ -77,3 +77,15 @@ def test_parser_rejects_bad_counts():
         precision_accuracy.main(["--trained", "--pairs", "0"])
     with pytest.raises(SystemExit):
         precision_accuracy.main(["--settings", "nonsense"])
+
+
+def test_warmup_rises_linearly_to_one_and_stays():
+    factors = [trained_weights.warmup_factor(step, 4) for step in range(8)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[4:] == [1.0] * 4
+    assert trained_weights.warmup_factor(0, 0) == 1.0
+
+
+def test_continuing_training_needs_an_output_file():
+    with pytest.raises(SystemExit):
+        trained_weights.main(["--init", "weights.pt", "--minutes", "1"])
