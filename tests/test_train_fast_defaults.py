@@ -20,12 +20,7 @@ SHAPE = (24, 16)
 FAST = {"amp": "auto", "checkpoint_activations": "selective", "channels_last": True}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed=0):
