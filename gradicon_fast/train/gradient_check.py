@@ -1,5 +1,7 @@
-"""Which gradients are not finite: checked before an optimiser step, so that no NaN reaches the weights
-(bfloat16 channels-last convolutions on the CPU now and then give NaN weight gradients with a finite loss)."""
+"""Which gradients are not finite: checked before an optimiser step, so that no NaN reaches the weights.
+A safety net for low-precision backward passes that go wrong with a finite loss (as oneDNN's bfloat16
+weight gradient did for strided convolutions over one-voxel-long inputs, which the U-Net now runs in
+float32: gradicon_fast/nn/unet.py)."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import torch
 
 from ..nn import GradICON
 from ..nn.networks import full_precision
+from .checkpoint import rng_state, set_rng_state
 from .gradient_check import non_finite_gradients
 
 
@@ -43,13 +44,16 @@ def instance_optimize(model: GradICON, image_A: torch.Tensor, image_B: torch.Ten
             p.grad = None
         with torch.enable_grad():
             for _ in range(steps):
-                random_state = _random_state(generator, image_A.device)
+                random_state = generator.get_state() if generator is not None else rng_state()
                 losses.append(_loss_and_gradients(model, optimizer, image_A, image_B, generator, mask_A, mask_B,
                                                   len(losses)))
                 if non_finite_gradients(model.named_parameters()):
-                    # bfloat16 channels-last convolutions on the CPU (oneDNN) now and then give NaN weight
-                    # gradients although the loss is finite; the step is redone in float32 with the same noise.
-                    _restore_random_state(generator, image_A.device, random_state)
+                    # a low-precision backward went wrong with a finite loss (gradient_check): the step is
+                    # redone in float32 with the same random points
+                    if generator is not None:
+                        generator.set_state(random_state)
+                    else:
+                        set_rng_state(random_state)
                     with full_precision(model):
                         _loss_and_gradients(model, optimizer, image_A, image_B, generator, mask_A, mask_B,
                                             len(losses) - 1)
@@ -81,18 +85,3 @@ def _loss_and_gradients(model, optimizer, image_A, image_B, generator, mask_A, m
     terms.total.backward()
     return float(terms.total.detach())
 
-
-def _random_state(generator: torch.Generator | None, device: torch.device):
-    """What draws the penalty's random points: the generator's state, else the global one of ``device``."""
-    if generator is not None:
-        return generator.get_state()
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _restore_random_state(generator: torch.Generator | None, device: torch.device, state) -> None:
-    if generator is not None:
-        generator.set_state(state)
-    elif device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)

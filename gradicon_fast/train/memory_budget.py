@@ -105,22 +105,13 @@ def _setting(amp, checkpoint_activations, channels_last) -> Setting:
     return Setting({"amp": amp, "checkpoint_activations": checkpoint_activations, "channels_last": channels_last})
 
 
-# The order, fastest first, follows training steps of the standard network on a 2-thread CPU with
-# native bfloat16 (AMD EPYC, AVX512-BF16). At 175³ (wall time / step memory above the weights and
-# Adam's state; BENCHMARKS.md, docs/performance.md): the fast settings 44 s / 3.2 GB, float32 65 s /
-# 6.8 GB, bfloat16 + full checkpointing 69 s / 2.5 GB, float32 + full checkpointing 110 s / 3.0 GB.
-# Probe steps (process peak / first step; loaded machine, ±10 %), bfloat16 channels-last with no,
-# selective, full recomputation: at 96³ 2.61 GB / 43 s, 2.35 / 38, 2.22 / 40; at 128³ 3.68 / 115,
-# 3.11 / 127, 2.92 / 129; float32 at 96³: 2.75 / 63, 2.47 / 71, 2.39 / 79. So where bfloat16 is
-# native the fast settings (gradicon_fast.nn.fast_defaults) come first: bfloat16 convolutions pay
-# off only in the channels-last layout, and selective recomputation reruns only the cheap ops (at
-# most ~10 % of a step) for much less memory (a config that sets checkpoint_activations=False keeps
-# it). Full checkpointing next (each U-Net's forward rerun: leaner, slower). float32 + full
-# checkpointing last, for small volumes, where autocast's bfloat16 copies of the weights (2 bytes a
-# parameter) outweigh the activations it saves (24³: 144 against 99 MB). Without native
-# bfloat16, autocast and channels-last are slower than plain float32 (one U-Net at 64³: float32
-# 1.46 s, bfloat16 1.69 s, float32 channels-last 1.88 s): float32 with no, selective, then full
-# recomputation.
+# Fastest first, from measured training steps of the standard network (BENCHMARKS.md "Whole network
+# steps", docs/performance.md). Where bfloat16 is native: the fast settings (nn.fast_defaults;
+# bfloat16 pays off only in the channels-last layout, and selective recomputation reruns only the
+# cheap ops for much less memory), then full checkpointing (each U-Net's forward rerun: leaner,
+# slower), then float32 + full checkpointing for small volumes, where autocast's bfloat16 copies of
+# the weights outweigh the activations it saves. Elsewhere autocast and channels-last are slower than
+# plain float32: float32 with no, selective, then full recomputation.
 BFLOAT16_SETTINGS = (_setting("auto", "selective", True), _setting("auto", True, True))
 FLOAT32_FALLBACK = _setting(False, True, False)
 FLOAT32_SETTINGS = (_setting(False, False, False), _setting(False, "selective", False), FLOAT32_FALLBACK)

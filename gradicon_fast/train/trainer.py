@@ -396,8 +396,8 @@ class Trainer:
         restore_batchnorm = batchnorm_stats(self.model)
         sums = self._accumulate_gradients(batches, step)
         if non_finite_gradients(self.model.named_parameters()):
-            # bfloat16 convolutions on the CPU now and then give NaN weight gradients with a finite loss:
-            # the step is redone in float32 (same micro-batch seeds, BatchNorm statistics as before it)
+            # a low-precision backward went wrong with a finite loss (gradient_check): the step is redone
+            # in float32 (same micro-batch seeds, BatchNorm statistics as before it)
             restore_batchnorm()
             with full_precision(self.model):
                 sums = self._accumulate_gradients(batches, step)
